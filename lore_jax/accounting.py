@@ -1,0 +1,150 @@
+"""Exact communication accounting: 64-bit bit counters and collective sizes read from HLO.
+
+Bits are counted as the payload each device contributes to a collective (the size of
+the buffer it all-reduces or all-gathers), the convention of the compression
+literature; it does not depend on the all-reduce algorithm the runtime picks.
+
+Cumulative counts overflow int32 after 256 MiB, and JAX runs without 64-bit types by
+default, so a counter is a ``uint32[2]`` array ``[high, low]`` that adds with carry:
+exact up to 2**64 bits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_WORD = 1 << 32
+
+
+def zero_counter() -> jax.Array:
+    """A fresh bit counter: ``uint32[2]`` holding (high word, low word) = 0."""
+    return jnp.zeros((2,), jnp.uint32)
+
+
+def add_bits(counter: jax.Array, nbits: int | jax.Array) -> jax.Array:
+    """Adds ``nbits`` to a ``uint32[2]`` counter with carry.
+
+    Args:
+      counter: ``uint32[2]``, (high, low).
+      nbits: a Python int (any size, split at trace time, so it is exact) or a traced
+        non-negative integer array below 2**32.
+
+    Returns:
+      The updated ``uint32[2]`` counter.
+    """
+    if isinstance(nbits, (int, np.integer)):
+        nbits = int(nbits)
+        if nbits < 0:
+            raise ValueError(f"nbits must be >= 0, got {nbits}.")
+        hi_inc = np.uint32((nbits // _WORD) % _WORD)
+        lo_inc = np.uint32(nbits % _WORD)
+    else:
+        hi_inc = np.uint32(0)
+        lo_inc = jnp.asarray(nbits).astype(jnp.uint32)
+    hi, lo = counter[0], counter[1]
+    new_lo = lo + lo_inc
+    carry = (new_lo < lo).astype(jnp.uint32)
+    return jnp.stack([hi + hi_inc + carry, new_lo])
+
+
+def counter_value(counter: Any) -> int:
+    """The exact Python int held by a counter (any leading axes are taken from index 0).
+
+    Per-device copies of a replicated counter (pmap's leading axis) are identical, so the
+    first one is read.
+    """
+    arr = np.asarray(jax.device_get(counter)).reshape(-1, 2)[0]
+    return int(arr[0]) * _WORD + int(arr[1])
+
+
+def bits_of(shape: Iterable[int], dtype: Any = jnp.float32) -> int:
+    """Bits of a dense array of this shape and dtype."""
+    return int(np.prod(tuple(shape), dtype=np.int64)) * jnp.dtype(dtype).itemsize * 8
+
+
+# --------------------------------------------------------------------------- HLO
+
+
+_DTYPE_BITS = {
+    "pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
+    "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+}
+_SHAPE_RE = re.compile(r"\b(pred|[su](?:8|16|32|64)|f16|bf16|f32|f64)\[([0-9,]*)\]")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute")
+
+
+def _shape_bits(text: str) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
+    total, shapes = 0, []
+    for dt, dims in _SHAPE_RE.findall(text):
+        shp = tuple(int(d) for d in dims.split(",") if d)
+        total += int(np.prod(shp, dtype=np.int64)) * _DTYPE_BITS[dt]
+        shapes.append((dt, shp))
+    return total, shapes
+
+
+def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Every collective op in an HLO module's text, with its computation and result shapes.
+
+    Args:
+      hlo_text: ``jax.jit(f).lower(...).compile().as_text()`` (the optimized module, in
+        which XLA may have combined several collectives into one tuple-shaped op).
+
+    Returns:
+      One dict per op: ``op`` (e.g. ``"all-reduce"``), ``computation`` (the name of the
+      HLO computation it sits in, so ops inside a ``conditional`` branch can be told
+      apart), ``shapes`` (list of ``(dtype, dims)`` of the result) and ``bits`` (their
+      total size). ``-start`` / ``-done`` async pairs are counted once, at the start.
+    """
+    out: list[dict[str, Any]] = []
+    computation = None
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        head = re.match(r"^(?:ENTRY\s+)?(%?[\w.\-]+)\s.*\{\s*$", stripped)
+        if head and "=" not in stripped.split("{")[0]:
+            computation = head.group(1).lstrip("%")
+            continue
+        m = re.match(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)\(", stripped)
+        if not m:
+            continue
+        result_type, opname = m.group(1), m.group(2)
+        base = opname.removesuffix("-start")
+        if opname.endswith("-done") or base not in _COLLECTIVES:
+            continue
+        if opname.endswith("-start") and base == "all-gather":
+            # all-gather-start's result is a tuple (operand, output): keep the output.
+            _, shapes = _shape_bits(result_type)
+            shapes = shapes[len(shapes) // 2:]
+            bits = sum(int(np.prod(s, dtype=np.int64)) * _DTYPE_BITS[d] for d, s in shapes)
+        else:
+            bits, shapes = _shape_bits(result_type)
+        out.append({"op": base, "computation": computation, "shapes": shapes, "bits": bits})
+    return out
+
+
+def collective_bits(hlo_text: str, op: str = "all-reduce") -> int:
+    """Total result bits of every ``op`` collective in an HLO module's text."""
+    return sum(c["bits"] for c in hlo_collectives(hlo_text) if c["op"] == op)
+
+
+def communication(opt_state: Any) -> dict[str, int]:
+    """Cumulative bits of every lore_jax transform inside an optax state, as Python ints.
+
+    Returns:
+      ``{"bits_sent": ..., "bits_dense": ...}``: the payload bits one device contributed to
+      collectives so far, and the bits a dense all-reduce of the same gradients would have
+      contributed. Their ratio is the compression rate.
+    """
+    from lore_jax.collectives import find_states
+
+    sent = dense = 0
+    for s in find_states(opt_state, lambda x: hasattr(x, "bits_sent") and hasattr(x, "_fields")):
+        sent += counter_value(s.bits_sent)
+        dense += counter_value(s.bits_dense)
+    return {"bits_sent": sent, "bits_dense": dense}

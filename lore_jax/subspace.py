@@ -1,0 +1,184 @@
+"""Low-rank subspace math shared by GreedyLore and the low-rank compressors.
+
+All functions act on *batches* of oriented matrices: an ``(a, b)`` view of a gradient
+with ``a = min(m, n) <= b = max(m, n)``, stacked along a leading axis of length ``k``
+(same-shape matrices are handled with one batched SVD / matmul). Everything runs in
+float32 (SVD and QR refuse bfloat16, and bfloat16 bases lose orthonormality).
+
+Notation (GreedyLore spec, section 1): ``U`` is a complete ``a x a`` orthonormal basis
+(columns ``u_j``), ``Z = U^T H`` the coordinates of ``H`` in it, ``J`` the ``r`` selected
+directions, ``P = U[:, J]``, ``R = P^T H = Z[J, :]`` and the reconstruction ``P R``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MatrixView(NamedTuple):
+    """How a leaf of shape ``shape`` is seen as an oriented ``(a, b)`` matrix.
+
+    Leaves with ``ndim > 2`` (conv kernels, Flax layout ``(..., in, out)``) are flattened to
+    ``(prod(shape[:-1]), shape[-1])``; ``transpose`` is set when that matrix has more rows
+    than columns, so that the projection acts along the smaller side ``a``.
+    """
+
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    transpose: bool
+
+    @property
+    def a(self) -> int:
+        return min(self.rows, self.cols)
+
+    @property
+    def b(self) -> int:
+        return max(self.rows, self.cols)
+
+
+def matrix_view(shape: Sequence[int]) -> MatrixView | None:
+    """The oriented matrix view of a leaf, or ``None`` for scalars and vectors."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        return None
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    return MatrixView(shape, rows, cols, rows > cols)
+
+
+def orient(x: jax.Array, view: MatrixView) -> jax.Array:
+    """Leaf -> its ``(a, b)`` float32 view (reshape, then transpose if tall)."""
+    m = x.reshape(view.rows, view.cols).astype(jnp.float32)
+    return m.T if view.transpose else m
+
+
+def unorient(m: jax.Array, view: MatrixView, dtype: jnp.dtype) -> jax.Array:
+    """Inverse of :func:`orient`, cast back to the leaf's dtype."""
+    m = m.T if view.transpose else m
+    return m.reshape(view.shape).astype(dtype)
+
+
+def fix_signs(u: jax.Array) -> jax.Array:
+    """Deterministic sign convention: each column's largest-magnitude entry is positive."""
+    idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+    s = jnp.sign(jnp.take_along_axis(u, idx, axis=-2))
+    return u * jnp.where(s == 0, 1.0, s)
+
+
+def svd_basis(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Complete left singular basis of each ``(a, b)`` matrix, ``a <= b``.
+
+    Args:
+      h: ``(..., a, b)`` float32.
+
+    Returns:
+      ``(U, S)``: ``U`` of shape ``(..., a, a)`` with columns ordered by decreasing
+      singular value and signs fixed by :func:`fix_signs`; ``S`` of shape ``(..., a)``.
+    """
+    u, s, _ = jnp.linalg.svd(h.astype(jnp.float32), full_matrices=False)
+    return fix_signs(u), s
+
+
+def subspace_iteration_basis(
+    h: jax.Array, u_prev: jax.Array, rank: int, iters: int = 1, oversample: int = 8
+) -> tuple[jax.Array, jax.Array]:
+    """Fast approximate refresh: block power iteration warm-started from the old basis.
+
+    The leading ``p = min(a, rank + oversample)`` columns of ``u_prev`` (the previous
+    top directions) are refined by ``iters`` steps of ``Q <- qr(H H^T Q)``, followed by a
+    Rayleigh-Ritz rotation (an SVD of the small ``p x b`` matrix ``Q^T H``) that orders them
+    by captured energy. The rest of the basis is completed to a full orthonormal ``a x a``
+    basis by projecting the old trailing columns off the new block (one QR), which keeps
+    the greedy selection contractive over a complete basis.
+
+    Cost ``O(iters * a * b * p + a^2 * (a - p))`` against ``O(a^2 b)`` for a full SVD.
+
+    Args:
+      h: ``(..., a, b)`` float32 matrix to approximate.
+      u_prev: ``(..., a, a)`` previous complete basis (columns sorted by importance).
+      rank: the transform's rank ``r``.
+      iters: power iterations.
+      oversample: extra columns refined beyond ``r``.
+
+    Returns:
+      ``(U, S)`` as :func:`svd_basis`, where only the first ``p`` entries of ``S`` are
+      estimates (the rest are zero).
+    """
+    h = h.astype(jnp.float32)
+    a = h.shape[-2]
+    p = min(a, rank + oversample)
+    q = u_prev[..., :p]
+    for _ in range(iters):
+        y = h @ (jnp.swapaxes(h, -1, -2) @ q)
+        q, _ = jnp.linalg.qr(y)
+    small = jnp.swapaxes(q, -1, -2) @ h                      # (..., p, b)
+    w, s, _ = jnp.linalg.svd(small, full_matrices=False)     # w: (..., p, p)
+    top = q @ w                                              # (..., a, p) Ritz vectors
+    if p < a:
+        rest = u_prev[..., p:]
+        rest = rest - top @ (jnp.swapaxes(top, -1, -2) @ rest)
+        rest, _ = jnp.linalg.qr(rest)
+        u = jnp.concatenate([top, rest], axis=-1)
+        s = jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (a - p,), s.dtype)], axis=-1)
+    else:
+        u = top
+    return fix_signs(u), s
+
+
+def coordinates(u: jax.Array, h: jax.Array) -> jax.Array:
+    """``Z = U^T H``: ``(..., a, a) x (..., a, b) -> (..., a, b)``."""
+    return jnp.einsum("...xj,...xb->...jb", u, h)
+
+
+def probe_scores(z: jax.Array, probes: jax.Array) -> jax.Array:
+    """Signed Gaussian-probe scores ``lam[p, ..., j] = <Z[..., j, :], v[p, ..., j, :]>``.
+
+    Args:
+      z: ``(..., a, b)`` coordinates.
+      probes: ``(num_probes, ..., a, b)`` standard normal probes.
+
+    Returns:
+      ``(num_probes, ..., a)``. Average these over devices *before* squaring (spec
+      pitfall 3): ``E[mean(lam)^2] = ||u_j^T H_bar||^2``.
+    """
+    return jnp.sum(z[None] * probes, axis=-1)
+
+
+def greedy_select(scores: jax.Array, rank: int) -> jax.Array:
+    """Indices of the ``rank`` largest scores along the last axis (ties: lower index).
+
+    ``jax.lax.top_k`` is stable, so every device selects the same ``J`` from the same
+    replicated scores (spec pitfall 4).
+    """
+    return jax.lax.top_k(scores, rank)[1]
+
+
+def take_columns(u: jax.Array, idx: jax.Array) -> jax.Array:
+    """``P = U[..., :, J]``: ``(..., a, a), (..., r) -> (..., a, r)``."""
+    return jnp.take_along_axis(u, idx[..., None, :], axis=-1)
+
+
+def take_rows(z: jax.Array, idx: jax.Array) -> jax.Array:
+    """``R = Z[..., J, :]``: ``(..., a, b), (..., r) -> (..., r, b)``."""
+    return jnp.take_along_axis(z, idx[..., :, None], axis=-2)
+
+
+def reconstruct(p: jax.Array, r: jax.Array) -> jax.Array:
+    """``P R``: ``(..., a, r) x (..., r, b) -> (..., a, b)``."""
+    return jnp.einsum("...ar,...rb->...ab", p, r)
+
+
+def exact_greedy_project(u: jax.Array, h: jax.Array, rank: int) -> jax.Array:
+    """Projection of ``h`` onto its ``rank`` highest-energy directions of the basis ``u``.
+
+    The deterministic (exact-energy) greedy compressor: for any complete orthonormal
+    ``u``, ``||C(h) - h||^2 <= (1 - rank / a) ||h||^2`` (spec section 2.2).
+    """
+    z = coordinates(u, h)
+    idx = greedy_select(jnp.sum(z * z, axis=-1), rank)
+    return reconstruct(take_columns(u, idx), take_rows(z, idx))
