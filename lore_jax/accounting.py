@@ -76,6 +76,7 @@ _DTYPE_BITS = {
     "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
 }
 _SHAPE_RE = re.compile(r"\b(pred|[su](?:8|16|32|64)|f16|bf16|f32|f64)\[([0-9,]*)\]")
+_HEAD_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute")
 
@@ -106,9 +107,9 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
     computation = None
     for line in hlo_text.splitlines():
         stripped = line.strip()
-        head = re.match(r"^(?:ENTRY\s+)?(%?[\w.\-]+)\s.*\{\s*$", stripped)
-        if head and "=" not in stripped.split("{")[0]:
-            computation = head.group(1).lstrip("%")
+        head = _HEAD_RE.match(stripped)
+        if head and stripped.endswith("{"):
+            computation = head.group(1)
             continue
         m = re.match(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)\(", stripped)
         if not m:
@@ -148,3 +149,16 @@ def communication(opt_state: Any) -> dict[str, int]:
         sent += counter_value(s.bits_sent)
         dense += counter_value(s.bits_dense)
     return {"bits_sent": sent, "bits_dense": dense}
+
+
+def hlo_conditional_branches(hlo_text: str) -> list[list[str]]:
+    """Branch computation names of every ``conditional`` op, in branch-index order.
+
+    ``jax.lax.switch(index, [f0, f1, f2], ...)`` lowers to one conditional whose
+    ``branch_computations`` list ``f0, f1, f2`` in order, so collectives found in branch
+    ``k`` (see :func:`hlo_collectives`) are those a step taking branch ``k`` performs.
+    """
+    out = []
+    for m in re.finditer(r"branch_computations=\{([^}]*)\}", hlo_text):
+        out.append([name.strip().lstrip("%") for name in m.group(1).split(",")])
+    return out

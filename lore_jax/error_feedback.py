@@ -72,7 +72,9 @@ def local_update(
     return e
 
 
-def output(mode: ErrorFeedback, h: jax.Array | None, c_bar: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def output(
+    mode: ErrorFeedback, h: jax.Array | None, c_bar: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
     """The transform's output and the new global tracker, from the mean reconstruction."""
     if mode == "ef21":
         h = h + c_bar
