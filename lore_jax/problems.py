@@ -86,7 +86,7 @@ class ProblemConstants(NamedTuple):
     convention: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
     """A sharded finite-sum problem ``f = sum_i f_i`` with its exact constants (sum convention).
 
@@ -210,7 +210,7 @@ class Problem:
         The blocks are ``np.array_split(range(d), num_blocks)``; ``max`` of the result is the
         ``L_blk`` of :func:`lore_jax.theory.compressed_bcd`.
         """
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not (
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or not (
                 1 <= num_blocks <= self.dim):
             raise ValueError(f"num_blocks must be an int in [1, d={self.dim}], got {num_blocks!r}.")
         H = self.hessian_bound()
@@ -333,7 +333,7 @@ def sparse_design(
 
 
 def _shard_bounds(n: int, m: int) -> tuple[tuple[int, int], ...]:
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= m <= n:
         raise ValueError(f"num_shards must be an int in [1, n={n}], got {m!r}.")
     edges = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n), m)])
     return tuple((int(edges[i]), int(edges[i + 1])) for i in range(m))

@@ -5,17 +5,17 @@ framework of Khirirat, Feyzmahdavian and Johansson, "Distributed learning with c
 gradients" (arXiv:1806.06573): gradient methods whose messages pass through a compressor
 ``Q`` and may be stale.
 
-============================  ================================================  ========
-calculator                    algorithm                                         spec
-============================  ================================================  ========
-:func:`cgd_unbiased`          A1: ``x+ = x - g Q(grad f(x))``, Q alpha-unbiased  §5.1
-:func:`cgd_contractive`       A2: same, Q a delta-contraction                   §5.2
-:func:`cgd_absolute`          A3: same, ``||Q(v) - v|| <= eps``                 §5.3
-:func:`dcgd`                  A4: ``x+ = x - g sum_i Q_i(grad f_i(x))``          §5.4
-:func:`stale_cgd`             A5: ``x+ = x - g Q(grad f(x_{k - tau_k}))``        §5.5
-:func:`compressed_bcd`        A7: block-coordinate ``x+ = x - g U_j Q(grad_j f)`` §5.7
-:func:`compressed_sgd`        A8: ``x+ = x - g Q(g_k)``, ``E||g_k||^2 <= 2A gap + C`` §5.8
-============================  ================================================  ========
+* :func:`cgd_unbiased` (A1, §5.1): ``x+ = x - gamma Q(grad f(x))``, Q alpha-unbiased;
+* :func:`cgd_contractive` (A2, §5.2): the same with Q a delta-contraction;
+* :func:`cgd_absolute` (A3, §5.3): the same with ``||Q(v) - v|| <= eps``;
+* :func:`dcgd` (A4, §5.4): ``x+ = x - gamma sum_i Q_i(grad f_i(x))``, worker-side;
+* :func:`stale_cgd` (A5, §5.5): ``x+ = x - gamma Q(grad f(x_{k - tau_k}))``, bounded delay;
+* :func:`compressed_bcd` (A7, §5.7): ``x+ = x - gamma U_j Q(grad_j f(x))``, random block;
+* :func:`compressed_sgd` (A8, §5.8): ``x+ = x - gamma Q(g_k)`` with ``E||g_k||^2 <= 2A (f -
+  f*) + C`` (:func:`minibatch_constants` gives ``A, C`` for b-nice sampling);
+* :func:`max_delay_lemma_rate`: the bounded-delay sequence lemma (§5.5);
+* conversions between ``alpha``, ``omega``, ``delta`` and ``eps`` (§3), and
+  :func:`bits_to_accuracy` (§5.9).
 
 Every constant here is **derived** in the spec (proof sketches in §5, checked numerically by
 this library's tests), consistent with the paper's framework; none is quoted from the paper,
