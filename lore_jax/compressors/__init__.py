@@ -1,0 +1,55 @@
+"""Gradient compressors: pure ``compress`` / ``decompress`` functions with exact bit counts.
+
+Every compressor is a :class:`Compressor` (see :mod:`lore_jax.compressors.base` for the
+contract) built by one of the functions below; :func:`lore_jax.compressed_mean` turns any
+of them into a data-parallel mean with error feedback.
+
+================================ ============== ======================= ==================
+compressor                       kind           constant                aggregation
+================================ ============== ======================= ==================
+:func:`identity`                 unbiased       alpha = 1               all-reduce
+:func:`bernoulli`                unbiased       alpha = 1/p             all-gather (shared
+                                                                        seed: all-reduce)
+:func:`random_k`                 unbiased       alpha = d/k             same
+:func:`top_k`                    contractive    delta = k/d             all-gather
+:func:`sign`                     none           --                      all-gather
+:func:`scaled_sign`              contractive    delta = ||v||_1^2/(d||v||^2)  all-gather
+:func:`terngrad`                 unbiased       alpha = (1+sqrt(d))/2   all-gather
+:func:`qsgd`                     unbiased       1+min(B/4s^2, sqrt(B)/s) all-gather
+:func:`stochastic_rounding`      unbiased       1+min(d/4S^2, sqrt(d)/S) all-gather
+:func:`grid_rounding`            absolute       eps = sqrt(d) step/2    all-gather
+:func:`powersgd`                 none           --                      2 all-reduces
+:func:`random_projection`        contractive    delta = r/a             all-reduce
+:func:`greedy_svd`               contractive    delta = r/a             all-gather
+================================ ============== ======================= ==================
+"""
+
+from lore_jax.compressors.base import KINDS, Compressor, Context, as_contraction, identity
+from lore_jax.compressors.lowrank import greedy_svd, powersgd, random_projection
+from lore_jax.compressors.packing import index_bits, pack_bits, unpack_bits
+from lore_jax.compressors.quantize import grid_rounding, qsgd, stochastic_rounding, terngrad
+from lore_jax.compressors.sign import scaled_sign, sign
+from lore_jax.compressors.sparsify import bernoulli, random_k, top_k
+
+__all__ = [
+    "KINDS",
+    "Compressor",
+    "Context",
+    "as_contraction",
+    "bernoulli",
+    "greedy_svd",
+    "grid_rounding",
+    "identity",
+    "index_bits",
+    "pack_bits",
+    "powersgd",
+    "qsgd",
+    "random_k",
+    "random_projection",
+    "scaled_sign",
+    "sign",
+    "stochastic_rounding",
+    "terngrad",
+    "top_k",
+    "unpack_bits",
+]
