@@ -250,22 +250,28 @@ def _step(step_size: Any, max_step: float, closed: bool, recommended: float) -> 
     return min(step, max_step)
 
 
-def _bits(iterations: int | None, uplink_bits: Any, num_workers: int,
-          downlink_bits: Any) -> int | float | None:
-    if iterations is None or uplink_bits is None:
-        return None
-    return bits_to_accuracy(iterations, uplink_bits, num_workers=num_workers,
-                            downlink_bits=downlink_bits)
+class _Budget(NamedTuple):
+    """The optional accuracy and message-size inputs shared by every calculator."""
+
+    initial: Any
+    target: Any
+    uplink_bits: Any
+    num_workers: int
+    downlink_bits: Any
 
 
-def _linear_iterations(rate: float, floor: float, initial: Any, target: Any) -> int | None:
-    """Smallest K with ``rate**K initial + floor <= target`` (via ``rate**K <= e^{-(1-rate)K}``)."""
+def _iterations(rate: float | None, floor: float, coefficient: float | None,
+                initial: Any, target: Any) -> int | None:
+    """K(target): the smallest K with ``rate**K initial + floor <= target`` (using ``rate**K
+    <= exp(-(1 - rate) K)``), or with ``coefficient initial / K <= target`` when non-convex."""
     if initial is None and target is None:
         return None
     if initial is None or target is None:
         raise ValueError("pass both initial and target to get iterations, or neither.")
     initial = _nonnegative("initial", initial)
     target = _positive("target", target)
+    if rate is None:
+        return max(1, math.ceil(coefficient * initial / target))
     if target <= floor:
         raise ValueError(
             f"target={target!r} is not above the guarantee's floor {floor!r}; no number of "
@@ -276,14 +282,20 @@ def _linear_iterations(rate: float, floor: float, initial: Any, target: Any) -> 
     return math.ceil(math.log(initial / (target - floor)) / (1.0 - rate))
 
 
-def _sublinear_iterations(coefficient: float, initial: Any, target: Any) -> int | None:
-    if initial is None and target is None:
-        return None
-    if initial is None or target is None:
-        raise ValueError("pass both initial and target to get iterations, or neither.")
-    initial = _nonnegative("initial", initial)
-    target = _positive("target", target)
-    return max(1, math.ceil(coefficient * initial / target))
+def _result(algorithm: str, section: str, step: float, max_step: float, closed: bool,
+            quantity: str, budget: _Budget, *, rate: float | None = None, floor: float = 0.0,
+            coefficient: float | None = None) -> Guarantee:
+    """Completes a guarantee with K(target), B(target) and its provenance."""
+    k = _iterations(rate, floor, coefficient, budget.initial, budget.target)
+    bits = None
+    if k is not None and budget.uplink_bits is not None:
+        bits = bits_to_accuracy(k, budget.uplink_bits, num_workers=budget.num_workers,
+                                downlink_bits=budget.downlink_bits)
+    return Guarantee(algorithm, step, max_step, closed, rate, floor, coefficient, quantity, k,
+                     bits, _provenance(section))
+
+
+_GRAD_SQ = "min_{k<K} E||grad f(x_k)||^2"
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -480,19 +492,13 @@ def cgd_unbiased(
     max_step = 2.0 / (alpha * L)
     gamma = _step(step_size, max_step, closed=False, recommended=1.0 / (alpha * L))
     descent = gamma * (1.0 - alpha * L * gamma / 2.0)
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
     if mu is None:
-        coefficient = 1.0 / descent
-        k = _sublinear_iterations(coefficient, initial, target)
-        return Guarantee("A1 CGD, unbiased compressor (non-convex)", gamma, max_step, False,
-                         None, 0.0, coefficient, "min_{k<K} E||grad f(x_k)||^2", k,
-                         _bits(k, uplink_bits, num_workers, downlink_bits),
-                         _provenance("5.1"))
+        return _result("A1 CGD, unbiased compressor (non-convex)", "5.1", gamma, max_step,
+                       False, _GRAD_SQ, budget, coefficient=1.0 / descent)
     mu = _mu(mu, L)
-    rate = 1.0 - 2.0 * mu * descent
-    k = _linear_iterations(rate, 0.0, initial, target)
-    return Guarantee("A1 CGD, unbiased compressor (PL)", gamma, max_step, False, rate, 0.0,
-                     None, "E f(x_k) - f*", k,
-                     _bits(k, uplink_bits, num_workers, downlink_bits), _provenance("5.1"))
+    return _result("A1 CGD, unbiased compressor (PL)", "5.1", gamma, max_step, False,
+                   "E f(x_k) - f*", budget, rate=1.0 - 2.0 * mu * descent)
 
 
 def cgd_contractive(
@@ -543,19 +549,14 @@ def cgd_contractive(
     L = _positive("L", L)
     delta = _delta(delta)
     gamma = _step(step_size, 1.0 / L, closed=True, recommended=1.0 / L)
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
     if mu is None:
-        coefficient = 2.0 / (gamma * delta)
-        k = _sublinear_iterations(coefficient, initial, target)
-        return Guarantee("A2 CGD, contractive compressor (non-convex)", gamma, 1.0 / L, True,
-                         None, 0.0, coefficient, "min_{k<K} ||grad f(x_k)||^2", k,
-                         _bits(k, uplink_bits, num_workers, downlink_bits),
-                         _provenance("5.2"))
+        return _result("A2 CGD, contractive compressor (non-convex)", "5.2", gamma, 1.0 / L,
+                       True, "min_{k<K} ||grad f(x_k)||^2", budget,
+                       coefficient=2.0 / (gamma * delta))
     mu = _mu(mu, L)
-    rate = 1.0 - gamma * mu * delta
-    k = _linear_iterations(rate, 0.0, initial, target)
-    return Guarantee("A2 CGD, contractive compressor (PL)", gamma, 1.0 / L, True, rate, 0.0,
-                     None, "f(x_k) - f*", k,
-                     _bits(k, uplink_bits, num_workers, downlink_bits), _provenance("5.2"))
+    return _result("A2 CGD, contractive compressor (PL)", "5.2", gamma, 1.0 / L, True,
+                   "f(x_k) - f*", budget, rate=1.0 - gamma * mu * delta)
 
 
 def cgd_absolute(
@@ -619,12 +620,10 @@ def cgd_absolute(
         max_step, closed = recommended, True
         gamma = _step(step_size, max_step, closed, recommended)
         rate = math.sqrt(max(0.0, 1.0 - 2.0 * gamma * mu * L / (mu + L)))
-    floor = gamma * eps / (1.0 - rate)
-    k = _linear_iterations(rate, floor, initial, target)
     setting = "quadratic" if quadratic else "strongly convex"
-    return Guarantee(f"A3 CGD, absolute compressor ({setting})", gamma, max_step, closed, rate,
-                     floor, None, "||x_k - x*||", k,
-                     _bits(k, uplink_bits, num_workers, downlink_bits), _provenance("5.3"))
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
+    return _result(f"A3 CGD, absolute compressor ({setting})", "5.3", gamma, max_step, closed,
+                   "||x_k - x*||", budget, rate=rate, floor=gamma * eps / (1.0 - rate))
 
 
 # ----------------------------------------------------------------------------- A4
@@ -715,13 +714,11 @@ def dcgd(
         recommended_sum = min(max_step_sum, eps * mu_sum / (4.0 * alpha_m * omega * sigma_sq))
     gamma_sum = _step(step_size, max_step_sum * scale, closed=True,
                       recommended=recommended_sum * scale) / scale
-    rate = 1.0 - gamma_sum * mu_sum
-    floor = 2.0 * gamma_sum * alpha_m * omega * sigma_sq / mu_sum
-    k = _linear_iterations(rate, floor, initial, target)
     name = "A4 DCGD" + (", bidirectional" if alpha_m > 1 else "") + f" ({convention})"
-    return Guarantee(name, gamma_sum * scale, max_step_sum * scale, True, rate, floor, None,
-                     "E||x_k - x*||^2", k, _bits(k, uplink_bits, m, downlink_bits),
-                     _provenance("5.4"))
+    return _result(name, "5.4", gamma_sum * scale, max_step_sum * scale, True,
+                   "E||x_k - x*||^2", _Budget(initial, target, uplink_bits, m, downlink_bits),
+                   rate=1.0 - gamma_sum * mu_sum,
+                   floor=2.0 * gamma_sum * alpha_m * omega * sigma_sq / mu_sum)
 
 
 # ----------------------------------------------------------------------------- A5
@@ -787,25 +784,20 @@ def stale_cgd(
     alpha = _alpha(alpha)
     tau = _integer("max_delay", max_delay, 0)
     sa = math.sqrt(alpha)
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
     if mu is None:
         if tau == 0:
             max_step = 1.0 / (alpha * L)
         else:  # positive root of alpha L^2 tau^2 g^2 + alpha L g - 1 = 0
             max_step = 2.0 / (alpha * L * (1.0 + math.sqrt(1.0 + 4.0 * tau * tau / alpha)))
         gamma = _step(step_size, max_step, closed=True, recommended=1.0 / (L * sa * (sa + tau)))
-        coefficient = 2.0 / gamma
-        k = _sublinear_iterations(coefficient, initial, target)
-        return Guarantee("A5 stale CGD (non-convex)", gamma, max_step, True, None, 0.0,
-                         coefficient, "min_{k<K} E||grad f(x_k)||^2", k,
-                         _bits(k, uplink_bits, num_workers, downlink_bits), _provenance("5.5"))
+        return _result("A5 stale CGD (non-convex)", "5.5", gamma, max_step, True, _GRAD_SQ,
+                       budget, coefficient=2.0 / gamma)
     mu = _mu(mu, L)
     max_step = 1.0 / (2.0 * L * sa * (sa + tau))
     gamma = _step(step_size, max_step, closed=True, recommended=max_step)
-    rate = 1.0 - gamma * mu
-    k = _linear_iterations(rate, 0.0, initial, target)
-    return Guarantee("A5 stale CGD (PL)", gamma, max_step, True, rate, 0.0, None,
-                     "E f(x_k) - f*", k, _bits(k, uplink_bits, num_workers, downlink_bits),
-                     _provenance("5.5"))
+    return _result("A5 stale CGD (PL)", "5.5", gamma, max_step, True, "E f(x_k) - f*", budget,
+                   rate=1.0 - gamma * mu)
 
 
 def max_delay_lemma_rate(p: float, q: float, tau: int) -> float:
@@ -898,18 +890,13 @@ def compressed_bcd(
     max_step = 2.0 / (alpha * L_block)
     gamma = _step(step_size, max_step, closed=False, recommended=1.0 / (alpha * L_block))
     descent = gamma * (1.0 - alpha * L_block * gamma / 2.0) / n_b
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
     if mu is None:
-        coefficient = 1.0 / descent
-        k = _sublinear_iterations(coefficient, initial, target)
-        return Guarantee("A7 compressed BCD (non-convex)", gamma, max_step, False, None, 0.0,
-                         coefficient, "min_{k<K} E||grad f(x_k)||^2", k,
-                         _bits(k, uplink_bits, num_workers, downlink_bits), _provenance("5.7"))
+        return _result("A7 compressed BCD (non-convex)", "5.7", gamma, max_step, False,
+                       _GRAD_SQ, budget, coefficient=1.0 / descent)
     mu = _mu(mu, L_block, "L_block")
-    rate = 1.0 - 2.0 * mu * descent
-    k = _linear_iterations(rate, 0.0, initial, target)
-    return Guarantee("A7 compressed BCD (PL)", gamma, max_step, False, rate, 0.0, None,
-                     "E f(x_k) - f*", k, _bits(k, uplink_bits, num_workers, downlink_bits),
-                     _provenance("5.7"))
+    return _result("A7 compressed BCD (PL)", "5.7", gamma, max_step, False, "E f(x_k) - f*",
+                   budget, rate=1.0 - 2.0 * mu * descent)
 
 
 def compressed_sgd(
@@ -969,11 +956,9 @@ def compressed_sgd(
     rate = 1.0 - gamma * mu
     if rate < 0:
         raise ValueError(f"mu={mu!r} is inconsistent with A={A!r}: gamma mu > 1.")
-    floor = gamma * alpha * C / mu
-    k = _linear_iterations(rate, floor, initial, target)
-    return Guarantee("A8 compressed SGD", gamma, max_step, True, rate, floor, None,
-                     "E||x_k - x*||^2", k, _bits(k, uplink_bits, num_workers, downlink_bits),
-                     _provenance("5.8"))
+    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
+    return _result("A8 compressed SGD", "5.8", gamma, max_step, True, "E||x_k - x*||^2",
+                   budget, rate=rate, floor=gamma * alpha * C / mu)
 
 
 def minibatch_constants(
