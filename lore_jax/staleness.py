@@ -76,7 +76,8 @@ class ReuseLastState(NamedTuple):
     PER_DEVICE_FIELDS = ("message", "delay", "deadline")
 
 
-def _check_max_delay(max_delay: Any) -> int:
+def _check_arguments(max_delay: Any, schedule: Any, key: Any) -> tuple[int, str, jax.Array]:
+    """Validates the shared arguments (outside jit); returns ``(tau, schedule, key)``."""
     if isinstance(max_delay, bool) or not isinstance(max_delay, (int, np.integer)):
         raise TypeError(
             f"max_delay must be a non-negative integer (steps), got {max_delay!r} "
@@ -84,13 +85,9 @@ def _check_max_delay(max_delay: Any) -> int:
         )
     if max_delay < 0:
         raise ValueError(f"max_delay must be >= 0 (0 means no delay), got {max_delay!r}.")
-    return int(max_delay)
-
-
-def _check_schedule(schedule: Any) -> str:
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not supported; use 'fixed' or 'random'.")
-    return schedule
+    return int(max_delay), schedule, _as_key(key)
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -176,9 +173,7 @@ def stale(
       >>> outs
       [0, 0, 0, 1, 2]
     """
-    tau = _check_max_delay(max_delay)
-    schedule = _check_schedule(schedule)
-    base_key = _as_key(key)
+    tau, schedule, base_key = _check_arguments(max_delay, schedule, key)
     size = tau + 1
 
     def init_fn(params):
@@ -262,9 +257,7 @@ def reuse_last(
       >>> outs
       [0, 0, 0, 3, 3, 3, 6]
     """
-    tau = _check_max_delay(max_delay)
-    schedule = _check_schedule(schedule)
-    base_key = _as_key(key)
+    tau, schedule, base_key = _check_arguments(max_delay, schedule, key)
 
     def init_fn(params):
         message = jax.tree.map(
