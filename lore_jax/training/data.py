@@ -1,0 +1,395 @@
+"""Datasets that need no download, loaders for files a user already has, and batching.
+
+Every loader returns a :class:`Dataset`: host (NumPy) arrays split into train and test,
+plus what the model and the loss need to know (the kind of problem, the number of
+classes or the vocabulary). Nothing here touches the network.
+
+* :func:`digits`: scikit-learn's bundled 8x8 digits, a fixed stratified split.
+* :func:`synthetic_classification`, :func:`synthetic_regression`: generated problems.
+* :func:`char_corpus`: a character-level language-model corpus from a text file (the
+  package ships a public-domain one, :data:`DEFAULT_CORPUS`).
+* :func:`mnist` (IDX files, :func:`read_idx`) and :func:`cifar10` (the "python" batches)
+  read from a path.
+
+Batches come from :class:`BatchStream`: epoch ``e`` visits the training set in the order
+of a permutation drawn from ``(seed, e)``, and the stream's :class:`DataPosition`
+``(epoch, index)`` says exactly where it is, so a checkpoint that stores the position
+resumes the same stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from lore_jax.training.errors import TrainingError
+
+Kind = Literal["classification", "regression", "language_model"]
+
+DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "carroll_wonderland.txt"
+
+
+class DataError(TrainingError):
+    """A dataset could not be built: a missing or malformed file, or bad arguments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A train/test split held in host memory.
+
+    Attributes:
+      name: short name, e.g. ``"digits"``.
+      kind: ``"classification"`` (integer labels), ``"regression"`` (float targets) or
+        ``"language_model"`` (token windows; targets are the inputs shifted by one).
+      x_train: inputs, ``(n_train, *input_shape)``; float32 features or int32 tokens.
+      y_train: ``(n_train,)`` int32 labels, ``(n_train, d_out)`` float32 targets, or
+        ``(n_train, seq_len)`` int32 next tokens.
+      x_test: ``(n_test, *input_shape)``.
+      y_test: like ``y_train`` with ``n_test`` rows.
+      num_outputs: classes, regression targets or vocabulary size.
+      vocab: the characters of a language-model corpus (token ``i`` is ``vocab[i]``).
+    """
+
+    name: str
+    kind: Kind
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_outputs: int
+    vocab: str | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(8, 8, 1)``."""
+        return tuple(self.x_train.shape[1:])
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, stratify: bool):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if stratify else None
+    )
+
+
+def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's bundled handwritten digits: 1797 images, 8x8, 10 classes.
+
+    Pixels are scaled to ``[0, 1]``; the stratified split is fixed by ``split_seed``.
+
+    Returns:
+      A classification :class:`Dataset` with ``x`` of shape ``(n, 8, 8, 1)`` float32 and
+      ``y`` of shape ``(n,)`` int32 (1437 train and 360 test examples by default).
+
+    Example:
+      >>> data = digits()
+      >>> data.x_train.shape, data.x_test.shape
+      ((1437, 8, 8, 1), (360, 8, 8, 1))
+    """
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = (raw.images / 16.0).astype(np.float32)[..., None]
+    y = raw.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, split_seed, stratify=True)
+    return Dataset("digits", "classification", x_tr, y_tr, x_te, y_te, num_outputs=10)
+
+
+def synthetic_classification(
+    n_samples: int = 4096, n_features: int = 32, n_classes: int = 4, seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """A generated classification problem (``sklearn.datasets.make_classification``).
+
+    Returns:
+      ``x`` of shape ``(n, n_features)`` float32 (standardised), ``y`` ``(n,)`` int32.
+    """
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=n_samples, n_features=n_features, n_informative=n_features // 2,
+        n_redundant=n_features // 4, n_classes=n_classes, n_clusters_per_class=2,
+        class_sep=1.5, random_state=seed,
+    )
+    x = ((x - x.mean(0)) / (x.std(0) + 1e-8)).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = _split(x, y.astype(np.int32), test_fraction, seed, stratify=True)
+    return Dataset("classification", "classification", x_tr, y_tr, x_te, y_te, n_classes)
+
+
+def synthetic_regression(
+    n_samples: int = 4096, n_features: int = 32, n_targets: int = 4, seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """A generated nonlinear regression problem: ``y = W2 tanh(W1 x) + noise``.
+
+    Returns:
+      ``x`` of shape ``(n, n_features)`` and ``y`` of shape ``(n, n_targets)``, float32,
+      targets standardised.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_samples, n_features)).astype(np.float32)
+    w1 = rng.standard_normal((n_features, 64)) / np.sqrt(n_features)
+    w2 = rng.standard_normal((64, n_targets)) / np.sqrt(64)
+    y = np.tanh(x @ w1) @ w2 + 0.05 * rng.standard_normal((n_samples, n_targets))
+    y = ((y - y.mean(0)) / y.std(0)).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, seed, stratify=False)
+    return Dataset("regression", "regression", x_tr, y_tr, x_te, y_te, n_targets)
+
+
+def char_corpus(
+    path: str | os.PathLike | None = None, seq_len: int = 64, test_fraction: float = 0.1,
+) -> Dataset:
+    """A character-level language-model corpus read from a UTF-8 text file.
+
+    The text is tokenised by character (the vocabulary is its sorted set of characters),
+    the last ``test_fraction`` of it is held out, and each part is cut into windows of
+    ``seq_len + 1`` characters at stride ``seq_len // 2``: inputs are a window's first
+    ``seq_len`` tokens, targets its last ``seq_len``.
+
+    Args:
+      path: the text file; ``None`` reads the bundled public-domain corpus.
+      seq_len: tokens per example.
+      test_fraction: share of the text held out for evaluation.
+
+    Returns:
+      A language-model :class:`Dataset` with int32 ``x`` and ``y`` of shape
+      ``(n, seq_len)`` and ``num_outputs`` the vocabulary size.
+
+    Raises:
+      DataError: the file is missing, or too short for one training and one test window.
+    """
+    path = Path(path) if path is not None else DEFAULT_CORPUS
+    text = _read_text(path)
+    vocab = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    tokens = np.fromiter((lookup[c] for c in text), dtype=np.int32, count=len(text))
+    cut = int(len(tokens) * (1.0 - test_fraction))
+    stride = max(1, seq_len // 2)
+    train, test = _windows(tokens[:cut], seq_len, stride), _windows(tokens[cut:], seq_len, stride)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(
+            f"corpus {path} has {len(text)} characters, too few for seq_len={seq_len}; "
+            f"use a longer text or a smaller --seq-len."
+        )
+    return Dataset(
+        "charlm", "language_model", train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:],
+        num_outputs=len(vocab), vocab=vocab,
+    )
+
+
+def _windows(tokens: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
+    starts = range(0, len(tokens) - seq_len, stride)
+    return np.stack([tokens[s:s + seq_len + 1] for s in starts]) if len(starts) else (
+        np.zeros((0, seq_len + 1), np.int32))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read text file {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- file formats
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (the MNIST format), plain or gzip-compressed.
+
+    The header is two zero bytes, a type code (``0x08`` = uint8, ...), the number of
+    dimensions ``d``, then ``d`` big-endian int32 sizes; the data follow in C order.
+
+    Returns:
+      The array with its stored shape and dtype (native byte order).
+
+    Raises:
+      DataError: the file is missing, not IDX, or truncated.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"IDX file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}).")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}i", raw[4:header]) if len(raw) >= header else None
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    if shape is None or len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
+        raise DataError(f"{path} is truncated or its header does not match its size.")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find(directory: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        for candidate in (directory / name, directory / (name + ".gz")):
+            if candidate.exists():
+                return candidate
+    raise DataError(f"{names[0]} (or .gz) not found in {directory}")
+
+
+def mnist(directory: str | os.PathLike) -> Dataset:
+    """MNIST (or Fashion-MNIST) from the four IDX files a user already has.
+
+    ``directory`` must hold ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``;
+    the dotted names ``train-images.idx3-ubyte`` also work).
+
+    Returns:
+      A classification :class:`Dataset`, ``x`` of shape ``(n, 28, 28, 1)`` float32 in
+      ``[0, 1]`` and ``y`` ``(n,)`` int32.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"MNIST directory not found: {directory}")
+
+    def load(prefix: str, kind: str, rank: str) -> np.ndarray:
+        return read_idx(_find(directory, (f"{prefix}-{kind}-{rank}-ubyte",
+                                          f"{prefix}-{kind}.{rank}-ubyte")))
+
+    x_tr, y_tr = load("train", "images", "idx3"), load("train", "labels", "idx1")
+    x_te, y_te = load("t10k", "images", "idx3"), load("t10k", "labels", "idx1")
+    for x, y, part in ((x_tr, y_tr, "train"), (x_te, y_te, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"MNIST {part} files in {directory} have shapes {x.shape} and "
+                            f"{y.shape}; expected (n, rows, cols) images and (n,) labels.")
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float32) / 255.0)[..., None]
+
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    return Dataset("mnist", "classification", images(x_tr), y_tr.astype(np.int32),
+                   images(x_te), y_te.astype(np.int32), num_classes)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError:
+        raise DataError(f"CIFAR-10 batch not found: {path}") from None
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+
+
+def cifar10(directory: str | os.PathLike) -> Dataset:
+    """CIFAR-10 from its "python version" batches a user already has.
+
+    ``directory`` is the extracted ``cifar-10-batches-py`` folder (or its parent) holding
+    ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``: pickled dicts with
+    ``b"data"``, ``(n, 3072)`` uint8 rows in channel-major order, and ``b"labels"``.
+    Only open files you trust: the format is Python pickle.
+
+    Returns:
+      A classification :class:`Dataset`, ``x`` of shape ``(n, 32, 32, 3)`` float32 in
+      ``[0, 1]``, ``y`` ``(n,)`` int32.
+    """
+    directory = Path(directory)
+    if (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+    if not directory.is_dir():
+        raise DataError(f"CIFAR-10 directory not found: {directory}")
+    train_files = sorted(directory.glob("data_batch_*"))
+    if not train_files:
+        raise DataError(f"no data_batch_* files in {directory}")
+
+    def load(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for p in paths:
+            batch = _unpickle(p)
+            if b"data" not in batch or b"labels" not in batch:
+                raise DataError(f"{p} is not a CIFAR-10 batch (needs b'data' and b'labels').")
+            data = np.asarray(batch[b"data"], np.uint8)
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch[b"labels"], np.int32))
+        return (np.concatenate(xs).astype(np.float32) / 255.0), np.concatenate(ys)
+
+    x_tr, y_tr = load(train_files)
+    x_te, y_te = load([directory / "test_batch"])
+    return Dataset("cifar10", "classification", x_tr, y_tr, x_te, y_te, num_outputs=10)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class DataPosition(NamedTuple):
+    """Where a :class:`BatchStream` stands: the epoch and the batch index within it."""
+
+    epoch: int
+    index: int
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits ``n`` examples (a function of both seeds)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class BatchStream(Iterator[tuple[np.ndarray, np.ndarray]]):
+    """Deterministic shuffled minibatches with an explicit, restorable position.
+
+    Each epoch holds ``n // batch_size`` batches (the remainder is dropped), drawn in the
+    order of :func:`epoch_permutation`. ``next(stream)`` returns the batch at
+    ``stream.position`` and advances it; a stream created with that position later
+    continues identically.
+
+    Example:
+      >>> x, y = np.arange(10.0)[:, None], np.arange(10)
+      >>> s = BatchStream(x, y, batch_size=4, seed=0)
+      >>> _ = next(s); s.position
+      DataPosition(epoch=0, index=1)
+      >>> same = BatchStream(x, y, 4, seed=0, position=s.position)
+      >>> bool((next(same)[1] == next(s)[1]).all())
+      True
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                 position: DataPosition | tuple[int, int] = (0, 0)):
+        if len(x) != len(y):
+            raise DataError(f"inputs and targets differ in length: {len(x)} vs {len(y)}.")
+        if not 0 < batch_size <= len(x):
+            raise DataError(f"batch size {batch_size} must be in [1, {len(x)}] (the number "
+                            f"of training examples).")
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.batches_per_epoch = len(x) // batch_size
+        epoch, index = (int(v) for v in position)
+        epoch, index = epoch + index // self.batches_per_epoch, index % self.batches_per_epoch
+        self.position = DataPosition(epoch, index)
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    def indices(self) -> np.ndarray:
+        """The example indices of the batch at the current position."""
+        epoch, index = self.position
+        if epoch != self._order_epoch:
+            self._order_epoch, self._order = epoch, epoch_permutation(len(self.x), self.seed,
+                                                                      epoch)
+        return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.indices()
+        epoch, index = self.position
+        index += 1
+        if index == self.batches_per_epoch:
+            epoch, index = epoch + 1, 0
+        self.position = DataPosition(epoch, index)
+        return self.x[idx], self.y[idx]
