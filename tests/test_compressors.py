@@ -401,7 +401,7 @@ def test_bernoulli_bits_are_counted_from_the_message():
     assert 64 < kept.sum() < 192
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),

@@ -56,7 +56,7 @@ def _dithering(name: str, levels: int, norm: str, bucket_size: int | None, clip,
         code = packing.unpack_bits(words, width, d)
         level = (code >> 1).astype(n.dtype)
         sign = 1.0 - 2.0 * (code & 1).astype(n.dtype)
-        norms = jnp.repeat(n, b, total_repeat_length=nb * b)[:d]
+        norms = jnp.broadcast_to(n[:, None], (nb, b)).reshape(-1)[:d]
         return base.restore(norms * sign * level / levels, ctx)
 
     def bits(shape, dtype=jnp.float32):

@@ -1,0 +1,360 @@
+"""Tests of compressed_mean on 8 devices: NumPy references, HLO collectives, error feedback."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+from lore_jax import compressors as C
+from lore_jax.accounting import counter_value, hlo_collectives
+from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
+
+N = 8
+# No word padding at these sizes: packed codes fill whole uint32 words, so the spec's
+# bit counts and the collectives' buffer sizes agree.
+PARAMS = {"w": jnp.zeros((8, 32)), "b": jnp.zeros((64,))}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def device_grads(seed: int, params=PARAMS, scale: float = 1.0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (scale * rng.standard_normal((N,) + v.shape)).astype(np.float32)
+            for k, v in params.items()}
+
+
+def put(tree, mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+
+
+def shard_step(tx, mesh, state):
+    specs = lore_jax.state_specs(state, "data")
+
+    def step(g, s):
+        return tx.update(jax.tree.map(lambda x: x[0], g), s)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), specs),
+                                 out_specs=(P(), specs)))
+
+
+def setup(comp, mesh, params=PARAMS, **kwargs):
+    tx = compressed_mean(comp, axis_name="data", **kwargs)
+    state = lore_jax.sharded_init(tx, params, mesh)
+    return tx, state, shard_step(tx, mesh, state)
+
+
+def collectives_of(step, g, state) -> tuple[set, int]:
+    cols = hlo_collectives(step.lower(g, state).compile().as_text())
+    return {c["op"] for c in cols}, sum(c["bits"] for c in cols)
+
+
+def np_top_k(v: np.ndarray, k: int) -> np.ndarray:
+    flat = v.reshape(-1)
+    idx = np.argsort(-np.abs(flat), kind="stable")[:k]
+    out = np.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(v.shape)
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+def test_identity_is_the_exact_mean(mesh):
+    params = {**PARAMS, "h": jnp.zeros((4, 4), jnp.bfloat16)}
+    _, state, step = setup(C.identity(), mesh, params)
+    g = device_grads(0, params)
+    g["h"] = g["h"].astype(jnp.bfloat16)
+    g = put(g, mesh)
+    out, new = step(g, state)
+    for k in ("w", "b"):
+        np.testing.assert_allclose(out[k], np.asarray(g[k]).mean(0), rtol=1e-6, atol=1e-7)
+    assert out["h"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out["h"], np.float32),
+                               np.asarray(g["h"], np.float32).mean(0), rtol=1e-2, atol=1e-2)
+    for e in jax.tree.leaves(new.error):
+        np.testing.assert_array_equal(e, 0.0)
+    # One all-reduce of the dense gradients, in their own dtypes: bits_sent = bits_dense.
+    # XLA:CPU widens a bfloat16 all-reduce to float32, so its HLO shows 32-bit words there.
+    ops, bits = collectives_of(step, g, state)
+    assert ops == {"all-reduce"}
+    assert counter_value(new.bits_sent) == counter_value(new.bits_dense) == 32 * 320 + 16 * 16
+    assert bits == 32 * 320 + 32 * 16
+
+
+@pytest.mark.parametrize("mode", ["ef14", "ef21"])
+def test_top_k_matches_numpy_reference(mesh, mode):
+    k = 16
+    _, state, step = setup(C.top_k(k), mesh, error_feedback=mode)
+    e = {name: np.zeros((N,) + v.shape, np.float32) for name, v in PARAMS.items()}
+    h = {name: np.zeros(v.shape, np.float32) for name, v in PARAMS.items()}
+    for t in range(4):
+        g = device_grads(t)
+        out, state = step(put(g, mesh), state)
+        for name in PARAMS:
+            if mode == "ef14":   # compress g + e; e <- x - c; output mean c
+                x = g[name] + e[name]
+                c = np.stack([np_top_k(xi, k) for xi in x])
+                e[name] = x - c
+                want = c.mean(0)
+            else:                # compress g - e; e <- e + c; h <- h + mean c, the output
+                c = np.stack([np_top_k(xi, k) for xi in g[name] - e[name]])
+                e[name] = e[name] + c
+                h[name] = h[name] + c.mean(0)
+                want = h[name]
+            np.testing.assert_allclose(out[name], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(state.error[name], e[name], rtol=1e-5, atol=1e-6)
+    if mode == "ef21":
+        np.testing.assert_allclose(state.tracker["w"], h["w"], rtol=1e-5, atol=1e-6)
+    # All-gathered: the HLO carries N payloads of k (32 + ceil(log2 d)) bits per leaf.
+    spec = k * (32 + 8) + k * (32 + 6)
+    ops, bits = collectives_of(step, put(device_grads(0), mesh), state)
+    assert ops == {"all-gather"} and bits == N * spec
+    assert counter_value(state.bits_sent) == 4 * spec
+    assert counter_value(state.bits_dense) == 4 * 32 * (256 + 64)
+
+
+def test_powersgd_matches_numpy_reference(mesh):
+    params = {"w": jnp.zeros((8, 32)), "tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))}
+    rank = 2
+    _, state, step = setup(C.powersgd(rank), mesh, params)
+    q = {k: np.asarray(state.compressor_state[k], np.float64) for k in ("w", "tall")}
+    assert state.compressor_state["b"] is None
+    e = {k: np.zeros((N,) + v.shape) for k, v in params.items()}
+    for t in range(3):
+        g = device_grads(t, params)
+        out, state = step(put(g, mesh), state)
+        for k in params:
+            x = g[k].astype(np.float64) + e[k]
+            if k == "b":  # a vector: sent dense
+                want, c = x.mean(0), x
+            else:
+                tall = k == "tall"
+                m = np.swapaxes(x, 1, 2) if tall else x               # oriented (N, a, b)
+                p_hat = np.linalg.qr(np.mean(m @ q[k], axis=0))[0]      # all-reduce #1
+                q_i = np.swapaxes(m, 1, 2) @ p_hat                     # (N, b, r)
+                q[k] = q_i.mean(0)                                     # all-reduce #2
+                c = p_hat @ np.swapaxes(q_i, 1, 2)
+                want = p_hat @ q[k].T
+                if tall:
+                    c, want = np.swapaxes(c, 1, 2), want.T
+            e[k] = x - c
+            np.testing.assert_allclose(out[k], want, atol=2e-5)
+            np.testing.assert_allclose(state.error[k], e[k], atol=2e-5)
+    np.testing.assert_allclose(state.compressor_state["w"], q["w"], atol=2e-5)
+    # Two all-reduces per matrix (a r and b r floats) plus the dense vector.
+    spec = 32 * rank * (8 + 32) + 32 * rank * (6 + 24) + 32 * 64
+    ops, bits = collectives_of(step, put(device_grads(0, params), mesh), state)
+    assert ops == {"all-reduce"} and bits == spec
+    assert counter_value(state.bits_sent) == 3 * spec
+
+
+def test_shared_seed_random_k_is_unbiased_across_devices(mesh):
+    k, steps = 16, 2000
+    tx = compressed_mean(C.random_k(k, shared_seed=True), axis_name="data",
+                         error_feedback=None, key=7)
+    state = lore_jax.sharded_init(tx, PARAMS, mesh)
+    specs = lore_jax.state_specs(state, "data")
+
+    def run(g, s):
+        g = jax.tree.map(lambda x: x[0], g)
+
+        def body(s, _):
+            out, s = tx.update(g, s)
+            return s, out
+
+        s, outs = jax.lax.scan(body, s, None, length=steps)
+        return outs, s
+
+    f = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("data"), specs),
+                              out_specs=(P(), specs)))
+    g = device_grads(1)
+    outs, new = f(put(g, mesh), state)
+    for name in PARAMS:
+        o = np.asarray(outs[name], np.float64).reshape(steps, -1)
+        gbar = g[name].astype(np.float64).mean(0).reshape(-1)
+        d = gbar.size
+        # Every device kept the same k entries: the mean is (d/k) gbar on them.
+        support = o != 0
+        assert np.all(support.sum(1) == k)
+        np.testing.assert_allclose(o[support], (d / k * np.broadcast_to(gbar, o.shape))[support],
+                                   rtol=1e-5)
+        # Unbiased for the mean gradient, within 6 standard errors (exact variance).
+        se = np.abs(gbar) * math.sqrt((d / k - 1) / steps)
+        assert np.all(np.abs(o.mean(0) - gbar) <= 6 * se + 1e-6)
+    # A single all-reduce of k values per leaf; the 32-bit seed is never sent.
+    assert counter_value(new.bits_sent) == steps * 2 * 32 * k
+    ops, bits = collectives_of(f, put(g, mesh), state)  # the scan body's one all-reduce
+    assert ops == {"all-reduce"} and bits == 2 * 32 * k
+
+
+# (compressor, per-device spec bits per step for PARAMS, seed bits counted but not sent)
+HLO_CASES = [
+    (C.random_k(16), 16 * (32 + 8) + 16 * (32 + 6), 0),
+    (C.scaled_sign(), (256 + 32) + (64 + 32), 0),
+    (C.qsgd(3, bucket_size=64), (32 * 4 + 256 * 3) + (32 + 64 * 3), 0),
+    (C.terngrad(), (32 + 2 * 256) + (32 + 2 * 64), 0),
+    (C.random_projection(2), (32 * 2 * 32 + 32) + 32 * 64, 32),
+    (C.greedy_svd(2), 32 * 2 * (8 + 32) + 32 * 64, 0),
+]
+
+
+@pytest.mark.parametrize("comp,spec,seed", HLO_CASES, ids=[c[0].name for c in HLO_CASES])
+def test_collectives_in_hlo_match_bits_sent(mesh, comp, spec, seed):
+    _, state, step = setup(comp, mesh)
+    g = put(device_grads(2), mesh)
+    out, new = step(g, state)
+    sent = counter_value(new.bits_sent)
+    assert comp.bits(PARAMS["w"].shape) + comp.bits(PARAMS["b"].shape) == spec
+    assert sent == spec - seed
+    ops, bits = collectives_of(step, g, state)
+    if comp.linear:
+        assert ops == {"all-reduce"} and bits == sent
+    else:
+        assert ops == {"all-gather"} and bits == N * sent
+    for v in jax.tree.leaves(out):
+        assert np.all(np.isfinite(np.asarray(v)))
+    if comp.name.startswith("random_k"):
+        # Independent per-device keys: the mean has the union of N supports.
+        assert np.count_nonzero(np.asarray(out["w"])) > 16
+
+
+def test_bernoulli_counts_the_longest_message(mesh):
+    """Device i sends 2^i everywhere, so the mean spells out every device's mask."""
+    p = 0.25
+    _, state, step = setup(C.bernoulli(p), mesh, error_feedback=None)
+    g = {k: np.broadcast_to(2.0 ** np.arange(N).reshape((N,) + (1,) * v.ndim),
+                            (N,) + v.shape).astype(np.float32) for k, v in PARAMS.items()}
+    out, new = step(put(g, mesh), state)
+    want = 0
+    for k, v in PARAMS.items():
+        code = np.rint(np.asarray(out[k]).reshape(-1) * N * p).astype(np.int64)
+        masks = (code[None, :] >> np.arange(N)[:, None]) & 1              # (N, d)
+        assert 0 < masks.sum() < masks.size and len(set(masks.sum(1))) > 1
+        # Each device's message: kept entries at 32 + ceil(log2 d) bits; a variable-length
+        # all-gather pads every slot to the longest.
+        want += masks.sum(1).max() * (32 + math.ceil(math.log2(v.size)))
+    assert counter_value(new.bits_sent) == want
+
+
+def test_nonfinite_step_keeps_the_state():
+    tx = compressed_mean(C.top_k(2))
+    params = {"w": jnp.zeros(8)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    _, state = update({"w": jnp.arange(8.0)}, state)
+    out, new = update({"w": jnp.array([1.0, jnp.nan, 0, 0, 0, 0, 0, 0])}, state)
+    assert not np.all(np.isfinite(out["w"]))
+    np.testing.assert_array_equal(new.error["w"], state.error["w"])
+    assert int(new.count) == int(state.count) == 1 and int(new.nonfinite_steps) == 1
+    assert counter_value(new.bits_sent) == 2 * counter_value(state.bits_sent)
+    # Composed with apply_if_finite, the parameters do not move either.
+    guarded = optax.apply_if_finite(optax.chain(tx, optax.sgd(0.1)), max_consecutive_errors=3)
+    gstate = guarded.init(params)
+    update = jax.jit(guarded.update)
+    upd, gstate = update({"w": jnp.full(8, jnp.inf)}, gstate)
+    np.testing.assert_array_equal(upd["w"], 0.0)
+    upd, gstate = update({"w": jnp.arange(8.0)}, gstate)
+    np.testing.assert_allclose(upd["w"], -0.1 * np.where(np.arange(8) >= 6, np.arange(8), 0))
+
+
+# --------------------------------------------------------------- error feedback (EF14)
+
+
+def _least_squares(seed: int = 0, n: int = 16, d: int = 16):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((N, n, d)).astype(np.float32)
+    b = rng.standard_normal((N, n)).astype(np.float32)
+    hess = np.einsum("inj,ink->jk", a.astype(np.float64), a) / N
+    x_star = np.linalg.solve(hess, np.einsum("inj,in->j", a.astype(np.float64), b) / N)
+    return a, b, x_star, np.linalg.eigvalsh(hess).max()
+
+
+@pytest.mark.parametrize("comp", [C.top_k(2), C.scaled_sign()], ids=lambda c: c.name)
+def test_ef14_reaches_the_optimum_where_plain_compression_stalls(mesh, comp):
+    """Distributed least squares, heterogeneous devices, step (1/L) / (1 + t/50).
+
+    Without error feedback the mean of the compressed local gradients does not vanish
+    at the optimum, so the iterates stall at a fixed distance; with EF14 the distance
+    keeps shrinking like the step size (to zero).
+    """
+    a, b, x_star, lip = _least_squares()
+    steps = 3000
+
+    def final_errors(mode):
+        tx = optax.chain(
+            compressed_mean(comp, axis_name="data", error_feedback=mode),
+            optax.sgd(lambda t: (1.0 / lip) / (1.0 + t / 50.0)),
+        )
+        x0 = {"x": jnp.zeros(a.shape[-1])}
+        state = lore_jax.sharded_init(tx, x0, mesh)
+        specs = lore_jax.state_specs(state, "data")
+
+        def run(a_i, b_i, x, s):
+            a_i, b_i = a_i[0], b_i[0]
+
+            def body(carry, _):
+                x, s = carry
+                g = {"x": a_i.T @ (a_i @ x["x"] - b_i)}
+                u, s = tx.update(g, s, x)
+                return (optax.apply_updates(x, u), s), None
+
+            (x1, s), _ = jax.lax.scan(body, (x, s), None, length=steps // 3)
+            (x2, s), _ = jax.lax.scan(body, (x1, s), None, length=steps - steps // 3)
+            return x1["x"], x2["x"]
+
+        f = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("data"), P("data"), P(), specs),
+                                  out_specs=(P(), P())))
+        x1, x2 = f(put(a, mesh), put(b, mesh), x0, state)
+        scale = np.linalg.norm(x_star)
+        return (np.linalg.norm(np.asarray(x1) - x_star) / scale,
+                np.linalg.norm(np.asarray(x2) - x_star) / scale)
+
+    early, late = final_errors("ef14")
+    assert late < 0.03 and late < 0.6 * early, (early, late)
+    early, late = final_errors(None)
+    assert late > 0.3 and late > 0.8 * early, (early, late)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_bad_arguments_raise_at_construction():
+    with pytest.raises(ValueError, match="error_feedback='ef99'"):
+        compressed_mean(C.top_k(2), error_feedback="ef99")
+    with pytest.raises(TypeError, match="compressor must be a lore_jax.compressors.Compressor"):
+        compressed_mean(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="key"):
+        compressed_mean(C.top_k(2), key="seed")
+
+
+def test_non_float_gradients_and_unbound_axis_raise_at_trace_time():
+    tx = compressed_mean(C.top_k(2))
+    params = {"w": jnp.zeros(8), "n": jnp.zeros(3, jnp.int32)}
+    with pytest.raises(TypeError, match=r"\['n'\] of dtype int32"):
+        tx.update(params, tx.init(params))
+    tx = compressed_mean(C.top_k(2), axis_name="data")
+    params = {"w": jnp.zeros(8)}
+    with pytest.raises(ValueError, match="axis_name='data' is not bound"):
+        tx.update(params, tx.init(params))
+
+
+def test_state_layout(mesh):
+    tx = optax.chain(compressed_mean(C.powersgd(2), axis_name="data", error_feedback="ef21"),
+                     optax.sgd(0.1))
+    state = lore_jax.sharded_init(tx, PARAMS, mesh)
+    cm = state[0]
+    assert isinstance(cm, CompressedMeanState)
+    assert cm.error["w"].shape == (N, 8, 32) and cm.tracker["w"].shape == (8, 32)
+    assert cm.compressor_state["w"].shape == (32, 2) and cm.compressor_state["b"] is None
+    specs = lore_jax.state_specs(state, "data")[0]
+    assert specs.error["w"] == P("data") and specs.tracker["w"] == P()
+    assert specs.bits_sent == P() and specs.key == P()
