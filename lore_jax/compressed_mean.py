@@ -94,6 +94,41 @@ def _all_gather(tree: Any, axis_name: collectives.AxisName) -> Any:
     return jax.tree.map(gather, tree)
 
 
+def _communicate(
+    compressor: Compressor, key: jax.Array, x: jax.Array, cstate: Any,
+    axis_name: collectives.AxisName,
+) -> tuple[jax.Array, jax.Array, Any, int | jax.Array]:
+    """Compress -> collective -> decompress for one leaf.
+
+    Returns:
+      ``(c_local, c_bar, cstate, nbits)``: this device's reconstruction, the mean over
+      devices of the reconstructions (identical on every device), the new compressor
+      state and the bits this device sent.
+    """
+
+    def mean(tree):
+        return collectives.pmean(tree, axis_name)
+
+    payload, ctx = compressor.compress(key, x, cstate, mean)
+    c_local = compressor.decompress(payload, ctx)
+    nbits = compressor.payload_bits(payload, ctx)
+    if compressor.linear:
+        mean_payload = mean(payload)
+        c_bar = compressor.decompress(mean_payload, ctx)
+        return c_local, c_bar, compressor.next_state(cstate, mean_payload, ctx), nbits
+
+    def decompress(p):
+        return compressor.decompress(p, ctx)
+
+    gathered = _all_gather(payload, axis_name)
+    c_bar = jnp.mean(jax.vmap(decompress)(gathered), axis=0)
+    if not isinstance(nbits, int):
+        # A variable-length all-gather pads every device's slot to the longest message;
+        # the gathered payloads give its length on every device.
+        nbits = jnp.max(jax.vmap(lambda p: compressor.payload_bits(p, ctx))(gathered))
+    return c_local, c_bar, cstate, nbits
+
+
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -123,10 +158,10 @@ def compressed_mean(
     the gradient's dtype, so the identity compressor sends bfloat16 gradients as
     bfloat16, and EF14 carries the rounding over to the next step.
 
-    Randomness: the step key is ``fold_in(key, count)``; linear compressors use the
-    shared (replicated) key, the others ``fold_in`` of it with the device index, so the
-    compression noise is independent across devices and steps; each leaf folds in its
-    position.
+    Randomness: each step's keys are folded from ``key`` and the step count; linear
+    compressors use the shared (replicated) one, the others fold in the device index as
+    well, so the compression noise is independent across devices and steps; each leaf
+    folds in its position.
 
     Non-finite steps: if the mean ``c_bar`` has a non-finite entry (every device sees the
     same), the error memory, the EF21 tracker, the compressor state and the step count
@@ -215,41 +250,25 @@ def compressed_mean(
         device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
         local_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
 
-        def mean(tree):
-            return collectives.pmean(tree, axis_name)
-
         outs, new_errors, new_trackers, new_cstates = [], [], [], []
         bits_static, bits_traced = 0, []
         for i, (g, e, h, cs) in enumerate(zip(leaves, errors, trackers, cstates, strict=True)):
-            x = ef.compress_input(mode, g, None if e is None else e[0])
+            e = None if e is None else e[0]
+            x = ef.compress_input(mode, g, e)
             leaf_key = jax.random.fold_in(shared_key if compressor.linear else local_key, i)
             # Compressed in the gradient's dtype; the memory absorbs the rounding.
-            payload, ctx = compressor.compress(leaf_key, x.astype(g.dtype), cs, mean)
-            c_local = compressor.decompress(payload, ctx)
-            if compressor.linear:
-                mean_payload = mean(payload)
-                c_bar = compressor.decompress(mean_payload, ctx)
-                cs = compressor.next_state(cs, mean_payload, ctx)
-            else:
-                gathered = _all_gather(payload, axis_name)
-                c_bar = jnp.mean(jax.vmap(lambda p, ctx=ctx: compressor.decompress(p, ctx))(
-                    gathered), axis=0)
-            e = ef.local_update(mode, None if e is None else e[0], x, c_local)
+            c_local, c_bar, cs, nbits = _communicate(
+                compressor, leaf_key, x.astype(g.dtype), cs, axis_name)
+            e = ef.local_update(mode, e, x, c_local)
             out, h = ef.output(mode, h, c_bar)
             outs.append(out.astype(g.dtype))
             new_errors.append(None if e is None else e[None].astype(errors[i].dtype))
             new_trackers.append(h)
             new_cstates.append(cs)
-            nbits = compressor.payload_bits(payload, ctx)
             if isinstance(nbits, int):
                 bits_static += nbits
-            elif compressor.linear:
-                bits_traced.append(nbits)
             else:
-                # A variable-length all-gather pads every device's slot to the longest
-                # message; the gathered payloads give that length on every device.
-                bits_traced.append(jnp.max(jax.vmap(
-                    lambda p, ctx=ctx: compressor.payload_bits(p, ctx))(gathered)))
+                bits_traced.append(nbits)
 
         finite = _all_finite(outs)
 

@@ -234,7 +234,7 @@ def grid_rounding(step: float, max_abs: float | None = None) -> Compressor:
       >>> q = compressors.grid_rounding(0.5, max_abs=2.0)
       >>> payload, ctx = q.compress(None, jnp.array([0.2, -0.9, 3.0]))
       >>> q.decompress(payload, ctx), q.bits((3,))
-      (Array([ 0. , -1. ,  2. ], dtype=float32), 12)
+      (Array([ 0., -1.,  2.], dtype=float32), 12)
     """
     step = base.check_positive("step", step)
     if max_abs is not None:
