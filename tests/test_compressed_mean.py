@@ -122,6 +122,18 @@ def test_top_k_matches_numpy_reference(mesh, mode):
     assert counter_value(state.bits_dense) == 4 * 32 * (256 + 64)
 
 
+def test_runs_under_pmap():
+    tx = compressed_mean(C.top_k(16), axis_name="i")
+    state = jax.pmap(lambda _: tx.init(PARAMS))(jnp.arange(N))
+    g = device_grads(5)
+    out, state = jax.pmap(tx.update, axis_name="i")(g, state)
+    for name in PARAMS:
+        c = np.stack([np_top_k(x, 16) for x in g[name]])
+        np.testing.assert_allclose(out[name], np.broadcast_to(c.mean(0), out[name].shape),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.error[name][:, 0], g[name] - c, rtol=1e-5, atol=1e-6)
+
+
 def test_powersgd_matches_numpy_reference(mesh):
     params = {"w": jnp.zeros((8, 32)), "tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))}
     rank = 2

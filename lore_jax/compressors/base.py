@@ -87,7 +87,17 @@ def _keep_state(state: Any, mean_payload: Any, ctx: Context) -> Any:
 class Compressor(NamedTuple):
     """A gradient compressor: pure functions plus its declared class and constant.
 
-    See the module docstring for the contract of each field.
+    Attributes (the module docstring gives each contract in full):
+      name: readable name with the hyperparameters.
+      kind: ``"unbiased"``, ``"contractive"``, ``"absolute"`` or ``"none"``.
+      linear: payloads may be averaged before decompression (all-reduce).
+      compress: ``(key, x, state=None, mean=None) -> (payload, ctx)``.
+      decompress: ``(payload, ctx) -> x_hat``, ``x``'s shape and dtype.
+      bits: ``(shape, dtype=float32) -> int | None``, the spec's fixed-length count.
+      payload_bits: ``(payload, ctx) -> int | Array``, the bits sent into collectives.
+      constant: ``(shape, v | None) -> alpha | delta | epsilon`` (``None`` for ``"none"``).
+      init: ``(key, shape, dtype) -> state``, the replicated compressor state.
+      next_state: ``(state, mean_payload, ctx) -> state`` after the all-reduce.
     """
 
     name: str
@@ -107,12 +117,9 @@ class Compressor(NamedTuple):
                 f"compressor {self.name!r} is {self.kind!r}; its constant is not a {kind} "
                 f"constant (unbiased: alpha/omega, contractive: delta, absolute: epsilon)."
             )
-        if hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(
-            x, jax.ShapeDtypeStruct
-        ):
-            return self.constant(tuple(x.shape), jnp.asarray(x))
-        shape = tuple(x.shape) if isinstance(x, jax.ShapeDtypeStruct) else tuple(x)
-        return self.constant(shape, None)
+        if hasattr(x, "shape") and not isinstance(x, jax.ShapeDtypeStruct):
+            return self.constant(tuple(x.shape), jnp.asarray(x))   # an array: refined
+        return self.constant(tuple(getattr(x, "shape", x)), None)  # a shape: worst case
 
     def alpha(self, x: Sequence[int] | jax.Array) -> Any:
         """Second-moment constant: ``E||Q(v)||^2 <= alpha ||v||^2`` (unbiased only)."""

@@ -116,7 +116,8 @@ def top_k(k: int) -> Compressor:
     ``Q(v) = sum_{i in S} v_i e_i`` with ``S`` the ``k`` largest ``|v_i|`` (ties: lower
     index). The dropped tail holds at most ``1 - k/d`` of the energy, so it is a
     contraction with ``delta = k / d``; for an array with ``nnz`` non-zeros,
-    ``delta = min(1, k / nnz)`` (derived in the lore_jax spec; not quoted from the paper).
+    ``delta = min(1, k / nnz)`` (derived in the lore_jax spec, consistent with the
+    framework of Khirirat et al. 2018; not quoted from that paper).
 
     Bits (spec section 4, row 8): ``k (32 + ceil(log2 d))``; the dense leaf when ``d <= k``.
 
