@@ -84,6 +84,11 @@ def _keep_state(state: Any, mean_payload: Any, ctx: Context) -> Any:
     return state
 
 
+def _buffer_bits(payload: Any, ctx: Context) -> int:
+    del ctx
+    return tree_bits(payload)
+
+
 class Compressor(NamedTuple):
     """A gradient compressor: pure functions plus its declared class and constant.
 
@@ -94,8 +99,9 @@ class Compressor(NamedTuple):
       compress: ``(key, x, state=None, mean=None) -> (payload, ctx)``.
       decompress: ``(payload, ctx) -> x_hat``, ``x``'s shape and dtype.
       bits: ``(shape, dtype=float32) -> int | None``, the spec's fixed-length count.
-      payload_bits: ``(payload, ctx) -> int | Array``, the bits sent into collectives.
       constant: ``(shape, v | None) -> alpha | delta | epsilon`` (``None`` for ``"none"``).
+      payload_bits: ``(payload, ctx) -> int | Array``, the bits sent into collectives
+        (default: the size of the payload's arrays).
       init: ``(key, shape, dtype) -> state``, the replicated compressor state.
       next_state: ``(state, mean_payload, ctx) -> state`` after the all-reduce.
     """
@@ -106,8 +112,8 @@ class Compressor(NamedTuple):
     compress: Callable[..., tuple[Any, Context]]
     decompress: Callable[[Any, Context], jax.Array]
     bits: Callable[..., int | None]
-    payload_bits: Callable[[Any, Context], int | jax.Array]
     constant: Callable[[Shape, jax.Array | None], Any] | None = None
+    payload_bits: Callable[[Any, Context], int | jax.Array] = _buffer_bits
     init: Callable[[jax.Array, Shape, Any], Any] = _no_state
     next_state: Callable[[Any, Any, Context], Any] = _keep_state
 
@@ -228,14 +234,9 @@ def identity() -> Compressor:
     def bits(shape, dtype=jnp.float32):
         return bits_of(shape, dtype)
 
-    def payload_bits(payload, ctx):
-        del ctx
-        return tree_bits(payload)
-
     return Compressor(
         name="identity", kind="unbiased", linear=True, compress=compress,
-        decompress=decompress, bits=bits, payload_bits=payload_bits,
-        constant=lambda shape, v: 1.0,
+        decompress=decompress, bits=bits, constant=lambda shape, v: 1.0,
     )
 
 

@@ -64,13 +64,9 @@ def _dithering(name: str, levels: int, norm: str, bucket_size: int | None, clip,
         d = base.size(shape)
         return 32 * buckets(d)[1] + d * width
 
-    def payload_bits(payload, ctx):
-        del ctx
-        return base.tree_bits(payload)
-
     return Compressor(
         name=name, kind=kind, linear=False, compress=compress, decompress=decompress,
-        bits=bits, payload_bits=payload_bits, constant=constant,
+        bits=bits, constant=constant,
     )
 
 
@@ -265,15 +261,10 @@ def grid_rounding(step: float, max_abs: float | None = None) -> Compressor:
         del dtype
         return base.size(shape) * (32 if max_abs is None else width)
 
-    def payload_bits(payload, ctx):
-        del ctx
-        return base.tree_bits(payload)
-
     def constant(shape, v):
         return base.scalar(jnp.sqrt(base.nnz(v, base.size(shape))) * step / 2.0, v)
 
     return Compressor(
         name=f"grid_rounding(step={step}, max_abs={max_abs})", kind="absolute", linear=False,
-        compress=compress, decompress=decompress, bits=bits, payload_bits=payload_bits,
-        constant=constant,
+        compress=compress, decompress=decompress, bits=bits, constant=constant,
     )

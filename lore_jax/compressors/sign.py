@@ -21,11 +21,6 @@ def _unpack_signs(words: jax.Array, d: int, dtype) -> jax.Array:
     return 1.0 - 2.0 * packing.unpack_bits(words, 1, d).astype(dtype)
 
 
-def _payload_bits(payload, ctx):
-    del ctx
-    return base.tree_bits(payload)
-
-
 def sign() -> Compressor:
     """1-bit sign compression: ``Q(v) = sign(v)`` (with ``sign(0) = +1``).
 
@@ -66,7 +61,7 @@ def sign() -> Compressor:
 
     return Compressor(
         name="sign()", kind="none", linear=False, compress=compress, decompress=decompress,
-        bits=bits, payload_bits=_payload_bits, constant=None,
+        bits=bits, constant=None,
     )
 
 
@@ -121,5 +116,5 @@ def scaled_sign() -> Compressor:
 
     return Compressor(
         name="scaled_sign()", kind="contractive", linear=False, compress=compress,
-        decompress=decompress, bits=bits, payload_bits=_payload_bits, constant=constant,
+        decompress=decompress, bits=bits, constant=constant,
     )

@@ -54,13 +54,9 @@ def _sparse(name: str, kind: str, linear: bool, k: int, select, scale: bool, con
             return base.DENSE.bits(shape, dtype)
         return 32 * k + 32 if linear else k * (32 + packing.index_bits(d))
 
-    def payload_bits(payload, ctx):
-        del ctx
-        return base.tree_bits(payload)
-
     return Compressor(
         name=name, kind=kind, linear=linear, compress=compress, decompress=decompress,
-        bits=bits, payload_bits=payload_bits, constant=constant,
+        bits=bits, constant=constant,
     )
 
 
@@ -241,5 +237,5 @@ def bernoulli(p: float, *, magnitude: bool = False, shared_seed: bool = False) -
     name += ", shared_seed)" if shared_seed else ")"
     return Compressor(
         name=name, kind="unbiased", linear=shared_seed, compress=compress,
-        decompress=decompress, bits=bits, payload_bits=payload_bits, constant=constant,
+        decompress=decompress, bits=bits, constant=constant, payload_bits=payload_bits,
     )
