@@ -1,0 +1,303 @@
+"""One training run, start to finish: config, data, model, optimizer, loop, evaluation, checkpoint.
+
+Example:
+  >>> from lore_jax.training import TrainConfig, train
+  >>> result = train(TrainConfig(task="digits", compressor="greedylore", rank=4,
+  ...                            steps=50, progress=False))          # doctest: +SKIP
+  >>> result.summary["test_accuracy"], result.summary["compression"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from lore_jax import accounting, collectives
+from lore_jax.training import data as data_lib
+from lore_jax.training import metrics as metrics_lib
+from lore_jax.training import models, optimizers, tasks
+from lore_jax.training import step as step_lib
+from lore_jax.training.checkpoint import Checkpointer, CheckpointError
+from lore_jax.training.errors import TrainingError
+
+AXIS = "data"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on. ``None`` fields take the task's defaults (:data:`tasks.TASKS`).
+
+    Attributes:
+      task: a name in :data:`tasks.TASKS`.
+      model: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
+      compressor: ``"dense"``, ``"greedylore"``, ``"powersgd"`` or ``"random"``.
+      rank: rank of the low-rank compressors.
+      devices: devices on the data axis (``None``: all).
+      steps: total optimizer steps (a resumed run continues up to this number).
+      batch_size: global batch, split evenly over the devices.
+      learning_rate, optimizer, momentum: the base optimizer (``"adam"`` or ``"sgd"``).
+      update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings.
+      seed: seeds the initialisation, the data order and the compressors' keys.
+      hidden: MLP hidden widths.
+      data: a file or directory for tasks that read one.
+      seq_len: characters per example of ``charlm``.
+      eval_every: evaluate on the test set every this many steps (and at the end).
+      log: a JSON-lines file for the metrics.
+      checkpoint_dir: where to save checkpoints (at the end, and every
+        ``checkpoint_every`` steps when set).
+      resume: continue from the newest checkpoint in ``checkpoint_dir``.
+      progress: show a progress bar on stderr.
+    """
+
+    task: str = "digits"
+    model: str | None = None
+    compressor: str = "greedylore"
+    rank: int = 4
+    devices: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    update_interval: int = 100
+    warmup_steps: int = 10
+    error_feedback: str | None = "ef14"
+    seed: int = 0
+    hidden: Sequence[int] = (256, 256)
+    data: str | None = None
+    seq_len: int = 64
+    eval_every: int = 100
+    log: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the task's defaults filled in and every option checked."""
+        if self.task not in tasks.TASKS:
+            raise TrainingError(f"unknown task {self.task!r}; choose one of "
+                                f"{', '.join(tasks.TASKS)}.")
+        if self.compressor not in optimizers.COMPRESSORS:
+            raise TrainingError(f"unknown compressor {self.compressor!r}; choose one of "
+                                f"{', '.join(optimizers.COMPRESSORS)}.")
+        if self.optimizer not in optimizers.OPTIMIZERS:
+            raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                                f"{', '.join(optimizers.OPTIMIZERS)}.")
+        d = tasks.TASKS[self.task]
+        out = dataclasses.replace(
+            self, model=self.model or d.model, steps=self.steps or d.steps,
+            batch_size=self.batch_size or d.batch_size,
+            learning_rate=self.learning_rate or d.learning_rate, hidden=tuple(self.hidden))
+        for name in ("rank", "steps", "batch_size", "update_interval", "seq_len"):
+            if getattr(out, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                    f"{getattr(out, name)}.")
+        if out.devices is not None and out.devices < 1:
+            raise TrainingError(f"--devices must be at least 1, got {out.devices}.")
+        if out.resume and not out.checkpoint_dir:
+            raise TrainingError("--resume needs --checkpoint-dir DIR.")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+      config: the resolved configuration (JSON-able).
+      history: one ``"train"`` record per step (see :mod:`metrics`).
+      evals: the ``"eval"`` records.
+      summary: final ``test_loss``, ``test_accuracy`` (when it applies), ``train_loss``,
+        ``bits_sent``, ``bits_dense``, ``compression`` (dense / sent), ``time_s`` (training
+        steps, compilation excluded), ``compile_s``, ``steps``, ``start_step``.
+    """
+
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def make_mesh(devices: int | None) -> jax.sharding.Mesh:
+    """A one-axis ``"data"`` mesh over the first ``devices`` devices (all by default).
+
+    Raises:
+      TrainingError: more devices asked for than exist.
+    """
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if n > len(available):
+        raise TrainingError(
+            f"--devices {n} asked for, but only {len(available)} {available[0].platform} "
+            f"device(s) are available; ask for at most {len(available)}.")
+    if jax.process_count() > 1 and n != len(available):
+        raise TrainingError(f"a multi-process run uses every device ({len(available)}); got "
+                            f"--devices {n}.")
+    return jax.make_mesh((n,), (AXIS,), devices=available[:n])
+
+
+def _blas_single_threaded():
+    """On the CPU backend, one BLAS thread per call (restored on exit).
+
+    Simulated CPU devices each run on their own thread; a multi-threaded OpenBLAS inside
+    every one of them (an SVD, a QR) oversubscribes the cores and runs 10-100x slower.
+    """
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    try:
+        import scipy.linalg  # noqa: F401  (load the LAPACK that jax's CPU kernels call)
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Runs (or resumes) one training run and returns its metrics.
+
+    The same call runs on every process of a ``jax.distributed`` job; only process 0
+    writes logs and shows progress.
+
+    Raises:
+      TrainingError: bad options, missing data, too few devices, or a checkpoint that
+        does not fit (checked before anything is written).
+    """
+    with _blas_single_threaded():
+        return _train(config.resolved())
+
+
+def _train(cfg: TrainConfig) -> RunResult:
+    # Never overwrite a checkpoint: refuse before doing anything else.
+    ckpt, latest = None, None
+    if cfg.checkpoint_dir:
+        ckpt = Checkpointer(cfg.checkpoint_dir)
+        latest = ckpt.latest_step()
+        if latest is not None and not cfg.resume:
+            raise CheckpointError(
+                f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
+                f"to continue it, or choose another --checkpoint-dir.")
+
+    # Data and devices.
+    dataset = tasks.load_data(cfg.task, cfg.data, cfg.seq_len)
+    mesh = make_mesh(cfg.devices)
+    n_dev = mesh.shape[AXIS]
+    if cfg.batch_size % n_dev:
+        raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the "
+                            f"{n_dev} devices; use a multiple of {n_dev}.")
+    if cfg.batch_size > len(dataset.x_train):
+        raise TrainingError(f"--batch-size {cfg.batch_size} exceeds the "
+                            f"{len(dataset.x_train)} training examples.")
+    main_process = jax.process_index() == 0
+
+    # Model and optimizer, first as shapes and layouts only.
+    tasks.check_model(cfg.model, dataset)
+
+    def new_model():
+        return tasks.make_model(cfg.model, dataset, cfg.seed, cfg.hidden)
+
+    apply_fn, params = models.abstract(new_model)
+    tx = optimizers.make_optimizer(
+        cfg.compressor, rank=cfg.rank, optimizer=cfg.optimizer,
+        learning_rate=cfg.learning_rate, momentum=cfg.momentum, axis_name=AXIS,
+        update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
+        error_feedback=cfg.error_feedback, seed=cfg.seed)
+    opt_state = jax.eval_shape(lambda p: collectives.sharded_init(tx, p, mesh, AXIS), params)
+    specs = collectives.state_specs(opt_state, AXIS)
+    params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)
+    opt_state = step_lib.with_shardings(opt_state, specs, mesh)
+
+    # Resume from the checkpoint if it fits, or initialise.
+    start, position = 0, data_lib.DataPosition(0, 0)
+    if latest is not None:
+        meta = ckpt.check(latest, params, opt_state, {
+            k: getattr(cfg, k) for k in ("task", "model", "compressor", "rank", "optimizer",
+                                         "error_feedback")})
+        params, opt_state = ckpt.restore(latest, params, opt_state)
+        start, position = latest, data_lib.DataPosition(*meta["position"])
+    else:
+        params = step_lib.replicate(models.create(new_model)[1], mesh)
+        opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
+
+    stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, cfg.batch_size, cfg.seed,
+                                  position)
+    train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
+    eval_step = step_lib.make_eval_step(apply_fn, dataset.kind, mesh, AXIS)
+
+    def batch():
+        xb, yb = next(stream)
+        return (step_lib.global_array(xb, mesh, P(AXIS)),
+                step_lib.global_array(yb, mesh, P(AXIS)))
+
+    t0 = time.perf_counter()
+    x0, y0 = (step_lib.global_array(a[:cfg.batch_size], mesh, P(AXIS))
+              for a in (dataset.x_train, dataset.y_train))
+    compiled = train_step.lower(params, opt_state, x0, y0).compile()
+    compile_s = time.perf_counter() - t0
+
+    log = metrics_lib.JsonLogger(cfg.log, append=start > 0, enabled=main_process)
+    log.write({"event": "config", **cfg.to_json(), "start_step": start, "devices": n_dev,
+               "processes": jax.process_count(), "backend": jax.default_backend(),
+               "compile_s": compile_s, "data": tasks.describe(dataset)})
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+
+    def run_eval(step: int) -> dict[str, Any]:
+        m = step_lib.evaluate(eval_step, params, dataset.x_test, dataset.y_test, mesh, AXIS)
+        record = {"event": "eval", "step": step,
+                  **{f"test_{k}": v for k, v in m.items()}}
+        evals.append(record)
+        log.write(record)
+        return record
+
+    train_time = 0.0
+    comm = accounting.communication(opt_state)
+    with metrics_lib.progress_bar(cfg.progress and main_process) as bar:
+        task_id = bar.add_task(f"{cfg.compressor} {cfg.task}", total=cfg.steps,
+                               completed=start, status="")
+        for step in range(start + 1, cfg.steps + 1):
+            x, y = batch()
+            t = time.perf_counter()
+            params, opt_state, m = compiled(params, opt_state, x, y)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t
+            train_time += dt
+            comm = accounting.communication(opt_state)
+            record = {"event": "train", "step": step, **m, **comm, "step_time": dt}
+            history.append(record)
+            log.write(record)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                run_eval(step)
+            if ckpt is not None and (step == cfg.steps or (
+                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                ckpt.save(step, params, opt_state, {
+                    "position": list(stream.position), "config": cfg.to_json()})
+            ratio = comm["bits_dense"] / max(comm["bits_sent"], 1)
+            bar.update(task_id, advance=1,
+                       status=f"loss {m['loss']:.4f}  {ratio:.1f}x fewer bits")
+    final_eval = evals[-1] if evals and evals[-1]["step"] == cfg.steps else run_eval(cfg.steps)
+    if ckpt is not None:
+        ckpt.close()
+
+    summary = {
+        "steps": cfg.steps, "start_step": start, "devices": n_dev,
+        "processes": jax.process_count(),
+        "train_loss": history[-1]["loss"] if history else None,
+        **{k: v for k, v in final_eval.items() if k.startswith("test_")},
+        "bits_sent": comm["bits_sent"], "bits_dense": comm["bits_dense"],
+        "compression": comm["bits_dense"] / comm["bits_sent"] if comm["bits_sent"] else None,
+        "time_s": train_time, "compile_s": compile_s,
+    }
+    log.write({"event": "summary", **summary})
+    log.close()
+    return RunResult(cfg.to_json(), history, evals, summary)

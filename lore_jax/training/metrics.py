@@ -1,0 +1,87 @@
+"""Metric records outside the jitted step: JSON-lines logs and a progress bar.
+
+Every record is one JSON object per line, with an ``"event"`` field:
+
+* ``"config"``: the run's settings, written when a run starts or resumes;
+* ``"train"``: ``step``, ``loss``, ``accuracy`` (when it applies), ``bits_sent`` and
+  ``bits_dense`` (cumulative, per device), ``step_time`` (seconds);
+* ``"eval"``: ``step``, ``test_loss``, ``test_accuracy``;
+* ``"summary"``: the final numbers of a run.
+
+In a multi-process run only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf
+    return value
+
+
+class JsonLogger:
+    """Appends records to a JSON-lines file (or does nothing when ``path`` is ``None``).
+
+    Args:
+      path: the log file; its parent directory is created.
+      append: keep existing lines (a resumed run continues its log).
+      enabled: ``False`` on processes other than 0.
+
+    Example:
+      >>> log = JsonLogger(None)
+      >>> log.write({"event": "train", "step": 1, "loss": 2.3})
+    """
+
+    def __init__(self, path: str | os.PathLike | None, append: bool = False, enabled: bool = True):
+        self._file: IO[str] | None = None
+        if path is not None and enabled:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Writes one record as a line and flushes it."""
+        if self._file is not None:
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSON-lines log."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """A rich progress bar on stderr showing the step, loss and compression so far."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+        console=None if sys.stderr.isatty() else _plain_console(),
+    )
+
+
+def _plain_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr, width=100)

@@ -1,0 +1,160 @@
+"""The optimizers a training run can use: a gradient mean over devices, then a base optimizer.
+
+Every chain built here starts with a transform that turns each device's local gradients
+into their mean over the data axis (identical on every device), then hands it to the
+base optimizer (Adam or SGD):
+
+* ``dense``: :func:`dense_mean`, an explicit mean all-reduce
+  (:func:`lore_jax.collectives.pmean`) that counts the bits it sends;
+* ``greedylore``: :func:`lore_jax.greedylore`;
+* ``powersgd`` and ``random``: :func:`lore_jax.compressed_mean` with the PowerSGD and
+  random low-rank projection compressors of :mod:`lore_jax.compressors`.
+
+Any other optax chain works with the training step too, as long as it averages the
+gradients over the axis before updating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from lore_jax import accounting, collectives
+from lore_jax.training.errors import TrainingError
+
+COMPRESSORS = ("dense", "greedylore", "powersgd", "random")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class DenseMeanState(NamedTuple):
+    """State of :func:`dense_mean`: cumulative bit counters (replicated)."""
+
+    bits_sent: jax.Array
+    """``uint32[2]`` bits this device contributed to all-reduces so far."""
+    bits_dense: jax.Array
+    """``uint32[2]`` the same, as a dense all-reduce (equal to ``bits_sent``)."""
+
+    PER_DEVICE_FIELDS = ()
+
+
+def dense_mean(axis_name: Hashable | None = "data") -> optax.GradientTransformation:
+    """The uncompressed baseline: the mean of every gradient leaf by one all-reduce.
+
+    Run inside ``jax.shard_map`` with ``axis_name`` bound; each leaf is summed over the
+    axis and divided by its size. Its state counts the bits sent, so
+    :func:`lore_jax.communication` reports the baseline like any compressed transform.
+
+    Args:
+      axis_name: the data axis (``None``: identity, one device).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> tx = optax.chain(dense_mean("data"), optax.adam(1e-3))
+    """
+
+    def init_fn(params):
+        del params
+        return DenseMeanState(accounting.zero_counter(), accounting.zero_counter())
+
+    def update_fn(updates, state, params=None):
+        del params
+        bits = sum(accounting.bits_of(x.shape, x.dtype) for x in jax.tree.leaves(updates))
+        updates = collectives.pmean(updates, axis_name)
+        return updates, DenseMeanState(accounting.add_bits(state.bits_sent, bits),
+                                       accounting.add_bits(state.bits_dense, bits))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class CompressorError(TrainingError):
+    """An unknown or unavailable compressor or optimizer was asked for."""
+
+
+def base_optimizer(name: str, learning_rate: float, momentum: float = 0.9
+                   ) -> optax.GradientTransformation:
+    """``adam`` or ``sgd`` (with ``momentum``; 0 for plain SGD)."""
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "sgd":
+        return optax.sgd(learning_rate, momentum=momentum or None)
+    raise CompressorError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def _compressor_factory(name: str) -> Any:
+    """The :mod:`lore_jax.compressors` constructor behind ``name``."""
+    attr = {"powersgd": "powersgd", "random": "random_projection"}[name]
+    try:
+        from lore_jax import compressors
+    except ImportError:
+        compressors = None
+    factory = getattr(compressors, attr, None)
+    if not callable(factory):
+        raise CompressorError(
+            f"compressor {name!r} is not available in this installation of lore_jax "
+            f"(lore_jax.compressors has no {attr}); choose dense or greedylore.")
+    return factory
+
+
+def make_optimizer(
+    compressor: str,
+    *,
+    rank: int = 4,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    momentum: float = 0.9,
+    axis_name: Hashable = "data",
+    update_interval: int = 200,
+    warmup_steps: int = 0,
+    error_feedback: str | None = "ef14",
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``.
+
+    Args:
+      compressor: one of :data:`COMPRESSORS`.
+      rank: rank of the low-rank compressors.
+      optimizer: ``"adam"`` or ``"sgd"``.
+      learning_rate: the base optimizer's step size.
+      momentum: SGD momentum.
+      axis_name: the mesh axis gradients are averaged over.
+      update_interval: GreedyLore's subspace refresh period (steps).
+      warmup_steps: GreedyLore's dense warm-up steps.
+      error_feedback: ``"ef14"``, ``"ef21"`` or ``None``.
+      seed: seeds the random compressors' keys.
+
+    Returns:
+      An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
+
+    Raises:
+      CompressorError: unknown names, or a compressor this installation lacks.
+    """
+    base = base_optimizer(optimizer, learning_rate, momentum)
+    if compressor == "dense":
+        return optax.chain(dense_mean(axis_name), base)
+    if compressor == "greedylore":
+        from lore_jax import greedylore
+
+        return optax.chain(
+            greedylore(rank, update_interval=update_interval, warmup_steps=warmup_steps,
+                       axis_name=axis_name, error_feedback=error_feedback,
+                       key=seed),
+            base)
+    if compressor in ("powersgd", "random"):
+        try:
+            from lore_jax.compressed_mean import compressed_mean
+        except ImportError:
+            raise CompressorError(
+                f"compressor {compressor!r} needs lore_jax.compressed_mean, which this "
+                f"installation lacks; choose dense or greedylore.") from None
+        factory = _compressor_factory(compressor)
+        return optax.chain(
+            compressed_mean(factory(rank), axis_name=axis_name, error_feedback=error_feedback,
+                            key=seed),
+            base)
+    raise CompressorError(
+        f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}.")

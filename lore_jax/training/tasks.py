@@ -1,0 +1,113 @@
+"""Named training tasks: a dataset, the model that fits it, and sensible defaults.
+
+=============== ======================================= ============ =====================
+task            data                                    model        needs ``--data``
+=============== ======================================= ============ =====================
+digits          scikit-learn's bundled 8x8 digits       mlp (cnn)    no
+classification  generated 32-feature, 4-class problem   mlp          no
+regression      generated 32-feature, 4-target problem  mlp          no
+charlm          character corpus (bundled text)         transformer  optional: a text file
+mnist           MNIST IDX files                         mlp (cnn)    yes: their directory
+cifar10         CIFAR-10 python batches                 cnn (mlp)    yes: their directory
+=============== ======================================= ============ =====================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from flax import nnx
+
+from lore_jax.training import data as data_lib
+from lore_jax.training import models
+from lore_jax.training.errors import TrainingError
+
+
+class TaskDefaults(NamedTuple):
+    """Per-task defaults for options the user leaves out."""
+
+    model: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+
+TASKS: dict[str, TaskDefaults] = {
+    "digits": TaskDefaults("mlp", 600, 128, 1e-3),
+    "classification": TaskDefaults("mlp", 600, 128, 1e-3),
+    "regression": TaskDefaults("mlp", 600, 128, 1e-3),
+    "charlm": TaskDefaults("transformer", 400, 32, 3e-3),
+    "mnist": TaskDefaults("mlp", 1000, 128, 1e-3),
+    "cifar10": TaskDefaults("cnn", 2000, 128, 1e-3),
+}
+MODELS = ("mlp", "cnn", "transformer")
+
+
+def load_data(task: str, path: str | None = None, seq_len: int = 64) -> data_lib.Dataset:
+    """The dataset of ``task`` (see the table above).
+
+    Raises:
+      TrainingError: an unknown task, or a task that needs ``path`` without it.
+    """
+    if task not in TASKS:
+        raise TrainingError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if task == "digits":
+        return data_lib.digits()
+    if task == "classification":
+        return data_lib.synthetic_classification()
+    if task == "regression":
+        return data_lib.synthetic_regression()
+    if task == "charlm":
+        return data_lib.char_corpus(path, seq_len=seq_len)
+    if path is None:
+        raise TrainingError(f"task {task!r} reads files you already have: pass their "
+                            f"directory with --data DIR (nothing is downloaded).")
+    return data_lib.mnist(path) if task == "mnist" else data_lib.cifar10(path)
+
+
+def make_model(
+    name: str, dataset: data_lib.Dataset, seed: int, hidden: Sequence[int] = (256, 256),
+) -> nnx.Module:
+    """Builds model ``name`` ("mlp", "cnn" or "transformer") sized for ``dataset``.
+
+    Call it inside :func:`models.create` (``models.create(lambda: make_model(...))``) to
+    initialise it with one compilation.
+
+    Raises:
+      TrainingError: a model that does not fit the data (e.g. a CNN on tabular data).
+    """
+    check_model(name, dataset)
+    rngs = nnx.Rngs(seed)
+    shape = dataset.input_shape
+    if name == "mlp":
+        size = 1
+        for d in shape:
+            size *= d
+        return models.MLP(size, tuple(hidden), dataset.num_outputs, rngs=rngs)
+    if name == "cnn":
+        return models.CNN(shape[-1], dataset.num_outputs, rngs=rngs)
+    return models.CharTransformer(dataset.num_outputs, shape[0], rngs=rngs)
+
+
+def check_model(name: str, dataset: data_lib.Dataset) -> None:
+    """Raises :class:`TrainingError` unless model ``name`` fits ``dataset``."""
+    shape = dataset.input_shape
+    if name not in MODELS:
+        raise TrainingError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    if dataset.kind == "language_model" and name != "transformer":
+        raise TrainingError(f"model {name!r} does not fit a language-model task; use "
+                            f"--model transformer.")
+    if name == "cnn" and len(shape) != 3:
+        raise TrainingError(f"model 'cnn' needs images (height, width, channels); task "
+                            f"{dataset.name!r} has inputs of shape {shape}. Use --model mlp.")
+    if name == "transformer" and dataset.kind != "language_model":
+        raise TrainingError(f"model 'transformer' is a language model; task "
+                            f"{dataset.name!r} needs --model mlp or cnn.")
+
+
+def describe(dataset: data_lib.Dataset) -> dict[str, Any]:
+    """A short JSON-able description of a dataset."""
+    return {"name": dataset.name, "kind": dataset.kind, "train": len(dataset.x_train),
+            "test": len(dataset.x_test), "input_shape": list(dataset.input_shape),
+            "outputs": dataset.num_outputs}
