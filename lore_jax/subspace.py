@@ -92,18 +92,22 @@ def subspace_iteration_basis(
     The leading ``p = min(a, rank + oversample)`` columns of ``u_prev`` (the previous
     top directions) are refined by ``iters`` steps of ``Q <- qr(H H^T Q)``, followed by a
     Rayleigh-Ritz rotation (an eigendecomposition of the small ``p x p`` Gram matrix
-    ``(Q^T H)(Q^T H)^T``) that orders them by captured energy. The rest of the basis is
-    completed to a full orthonormal ``a x a`` basis without an ``O(a^3)`` factorization:
-    with ``C = U_prev^T T`` the new block ``T`` in old coordinates, the complete
-    Householder ``Q_C`` of ``C`` (``O(a^2 p)``) has its first ``p`` columns spanning ``C``
-    and its last ``a - p`` spanning the complement, so ``U_prev Q_C[:, p:]`` completes
-    ``T``. Its columns stay close to the old trailing columns when the subspace drifts
-    slowly (exactly equal when ``span(T) = span(U_prev[:, :p])``), and the completion
-    is orthogonal to ``T`` to rounding for any ``T``, even one that meets the old
-    trailing span. A complete basis keeps the greedy selection contractive.
+    ``(Q^T H)(Q^T H)^T``) that orders them by captured energy: the new block ``T``.
 
-    Cost ``O(iters * a * b * p + a^2 * p)`` plus one ``a x a x (a - p)`` matrix product,
-    against ``O(a^2 b)`` for a full SVD with a much larger constant.
+    The rest of the basis is completed without an ``O(a^3)`` factorization. In the old
+    basis's coordinates the new block is ``C = U_prev^T T`` (``a x p``, orthonormal
+    columns); rotate its columns, ``C' = C O``, so that its top ``p x p`` block ``C1'`` is
+    symmetric positive semidefinite (``O`` from the SVD of ``C_1``). The block reflector
+    ``F = I - (E + C') (I + C1')^{-1} (E + C')^T``, ``E = [I_p; 0]``, is symmetric and
+    orthogonal and maps ``E`` to ``-C'``, so its last ``a - p`` columns span the complement
+    of ``C``, and ``U_prev F[:, p:]`` completes ``T``. ``I + C1'`` has eigenvalues in
+    ``[1, 2]`` whatever ``T`` is, so the completion is orthogonal to ``T`` to rounding even
+    when ``T`` meets the old trailing span (a low-rank or zero gradient); it equals the old
+    trailing columns when ``span(T) = span(U_prev[:, :p])`` and moves by ``O(||C_2||)``
+    under slow drift. A complete basis keeps the greedy selection contractive.
+
+    Cost ``O(iters * a * b * p + a^2 * p)`` against ``O(a^2 b)`` (with a much larger
+    constant) for a full SVD.
 
     Args:
       h: ``(..., a, b)`` float32 matrix to approximate.
@@ -130,9 +134,12 @@ def subspace_iteration_basis(
     s = jnp.sqrt(jnp.maximum(evals, 0.0))
     top = q @ w                                              # (..., a, p) Ritz vectors
     if p < a:
-        c = jnp.swapaxes(u_prev, -1, -2) @ top               # (..., a, p)
-        q_c, _ = jnp.linalg.qr(c, mode="complete")           # (..., a, a) Householder
-        rest = u_prev @ q_c[..., p:]
+        c = jnp.swapaxes(u_prev, -1, -2) @ top               # (..., a, p) = C
+        left, sig, right_t = jnp.linalg.svd(c[..., :p, :])  # C_1 = A diag(sig) B^T
+        c_rot = c @ (jnp.swapaxes(right_t, -1, -2) @ jnp.swapaxes(left, -1, -2))  # C' = C B A^T
+        m_inv = (left / (1.0 + sig)[..., None, :]) @ jnp.swapaxes(left, -1, -2)  # (I + C1')^-1
+        w = u_prev[..., :p] + u_prev @ c_rot                 # U_prev (E + C')
+        rest = u_prev[..., p:] - (w @ m_inv) @ jnp.swapaxes(c_rot[..., p:, :], -1, -2)
         u = jnp.concatenate([top, rest], axis=-1)
         s = jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (a - p,), s.dtype)], axis=-1)
     else:
