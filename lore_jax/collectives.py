@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -73,7 +74,7 @@ def pmean(tree: Any, axis_name: AxisName) -> Any:
 def all_gather(tree: Any, axis_name: AxisName) -> Any:
     """Stacks every device's leaf along a new leading axis (length N, or 1 without an axis).
 
-    The result is identical on every device (``to='invariant'`` where shard_map checks
+    The result is identical on every device (``to='invarying'`` where shard_map checks
     varying-ness), so it can be returned under ``out_specs=P()``.
     """
     if axis_name is None:
@@ -81,8 +82,8 @@ def all_gather(tree: Any, axis_name: AxisName) -> Any:
 
     def gather(x):
         try:
-            return jax.lax.all_gather(x, axis_name, to="invariant")
-        except TypeError:  # pmap / older APIs have no `to=`
+            return jax.lax.all_gather(x, axis_name, to="invarying")
+        except TypeError:  # pmap: no `to=`
             return jax.lax.all_gather(x, axis_name)
 
     return jax.tree.map(gather, tree)
@@ -173,3 +174,45 @@ def find_states(opt_state: Any, predicate: Callable[[Any], bool] | None = None) 
 
     jax.tree.map(visit, opt_state, is_leaf=pred)
     return found
+
+
+def as_key(key: Any) -> jax.Array:
+    """A transform's ``key`` argument as a raw ``uint32[2]`` key (replicated state).
+
+    Accepts ``None`` (seed 0), an int seed, a typed ``jax.random.key`` or a raw
+    ``jax.random.PRNGKey``. Raw keys keep optimizer states checkpointable as plain arrays.
+
+    Raises:
+      ValueError: naming ``key`` for anything else.
+    """
+    if key is None:
+        return jax.random.PRNGKey(0)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.PRNGKey(int(key))
+    try:
+        key = jnp.asarray(key)
+    except TypeError as e:
+        raise ValueError(
+            f"key must be an int seed, a jax.random.key or a uint32[2] PRNGKey; got {key!r}."
+        ) from e
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(
+            f"key must be an int seed, a jax.random.key or a uint32[2] PRNGKey; got an array "
+            f"of shape {key.shape} and dtype {key.dtype}."
+        )
+    return key
+
+
+def check_floating(updates: Any, transform: str) -> None:
+    """Raises a TypeError naming the first non-float gradient leaf (at trace time)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{transform} got a gradient leaf {jax.tree_util.keystr(path)} of dtype "
+                f"{dtype} and shape {np.shape(leaf)}; it averages floating-point gradients "
+                f"only. Cast it to a float dtype or leave it out of the gradient tree (e.g. "
+                f"with optax.masked)."
+            )

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lore_jax import accounting, collectives
@@ -49,51 +48,6 @@ class CompressedMeanState(NamedTuple):
     PER_DEVICE_FIELDS = ("error",)
 
 
-def _as_key(key: Any) -> jax.Array:
-    """An int seed, a typed key or a uint32[2] key as a raw uint32[2] key."""
-    if key is None:
-        return jax.random.PRNGKey(0)
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.PRNGKey(int(key))
-    try:
-        key = jnp.asarray(key)
-    except TypeError as e:
-        raise ValueError(f"key must be an int seed or a jax.random key; got {key!r}.") from e
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    if key.shape != (2,) or key.dtype != jnp.uint32:
-        raise ValueError(
-            f"key must be an int seed, a jax.random.key or a uint32[2] PRNGKey; got an array "
-            f"of shape {key.shape} and dtype {key.dtype}."
-        )
-    return key
-
-
-def _check_floating(updates: Any) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(
-                f"compressed_mean got a gradient leaf {jax.tree_util.keystr(path)} of dtype "
-                f"{jnp.result_type(leaf)}; it averages floating-point gradients only. Cast it "
-                f"to a float dtype or leave it out with optax.masked."
-            )
-
-
-def _all_gather(tree: Any, axis_name: collectives.AxisName) -> Any:
-    """:func:`lore_jax.collectives.all_gather`, whose ``to="invariant"`` JAX 0.10 spells
-    ``to="invarying"``; the shared helper takes over once it accepts this JAX."""
-    if axis_name is None:
-        return collectives.all_gather(tree, None)
-
-    def gather(x):
-        try:
-            return jax.lax.all_gather(x, axis_name, to="invarying")
-        except TypeError:  # pmap: no `to=`
-            return jax.lax.all_gather(x, axis_name)
-
-    return jax.tree.map(gather, tree)
-
-
 def _communicate(
     compressor: Compressor, key: jax.Array, x: jax.Array, cstate: Any,
     axis_name: collectives.AxisName,
@@ -120,7 +74,7 @@ def _communicate(
     def decompress(p):
         return compressor.decompress(p, ctx)
 
-    gathered = _all_gather(payload, axis_name)
+    gathered = collectives.all_gather(payload, axis_name)
     c_bar = jnp.mean(jax.vmap(decompress)(gathered), axis=0)
     if not isinstance(nbits, int):
         # A variable-length all-gather pads every device's slot to the longest message;
@@ -217,7 +171,7 @@ def compressed_mean(
             f"compressors.top_k(k)), got {type(compressor).__name__}."
         )
     mode = ef.validate(error_feedback)
-    base_key = _as_key(key)
+    base_key = collectives.as_key(key)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -237,7 +191,7 @@ def compressed_mean(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        _check_floating(updates)
+        collectives.check_floating(updates, "compressed_mean")
         collectives.axis_size(axis_name)  # a clear error when the axis is not bound
         leaves, treedef = jax.tree.flatten(updates)
         absent = [None] * len(leaves)

@@ -171,27 +171,6 @@ def _dense_flags(dense: Any, tree: Any) -> list[bool]:
     return flags
 
 
-def _as_key(key: Any) -> jax.Array:
-    if key is None:
-        return jax.random.PRNGKey(0)
-    if isinstance(key, (int, np.integer)):
-        return jax.random.PRNGKey(int(key))
-    try:
-        key = jnp.asarray(key)
-    except TypeError as e:
-        raise ValueError(
-            f"key must be an int seed or a jax.random.PRNGKey (uint32[2]); got {key!r}."
-        ) from e
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    if key.shape != (2,) or key.dtype != jnp.uint32:
-        raise ValueError(
-            f"key must be an int seed or a jax.random.PRNGKey (uint32[2]); got shape "
-            f"{key.shape} and dtype {key.dtype}."
-        )
-    return key
-
-
 def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, int, int]:
     """Per-device payload bits of a (dense, compressed, dense-baseline) step."""
     dense_leaf_bits = sum(
@@ -279,7 +258,7 @@ def greedylore(
         )
     if not isinstance(refresh_iters, (int, np.integer)) or refresh_iters < 1:
         raise ValueError(f"refresh_iters must be an integer >= 1, got {refresh_iters!r}.")
-    base_key = _as_key(key)
+    base_key = collectives.as_key(key)
     rank, tau, t0 = int(rank), int(update_interval), int(warmup_steps)
 
     def plan_for(tree):
@@ -310,13 +289,7 @@ def greedylore(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         leaves, treedef = jax.tree.flatten(updates)
-        for x in leaves:
-            if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-                raise TypeError(
-                    f"greedylore compresses floating-point gradients; the updates hold a "
-                    f"leaf of dtype {jnp.asarray(x).dtype} and shape {np.shape(x)}. Cast "
-                    f"integer leaves to float or exclude them from the gradient tree."
-                )
+        collectives.check_floating(updates, "greedylore")
         n = collectives.check_axis(axis_name)
         plan = plan_for(updates)
         if len(plan.groups) != len(state.basis):

@@ -87,28 +87,7 @@ def _check_arguments(max_delay: Any, schedule: Any, key: Any) -> tuple[int, str,
         raise ValueError(f"max_delay must be >= 0 (0 means no delay), got {max_delay!r}.")
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not supported; use 'fixed' or 'random'.")
-    return int(max_delay), schedule, _as_key(key)
-
-
-def _as_key(key: Any) -> jax.Array:
-    if key is None:
-        return jax.random.PRNGKey(0)
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.PRNGKey(int(key))
-    try:
-        key = jnp.asarray(key)
-    except TypeError as e:
-        raise ValueError(
-            f"key must be an int seed or a jax.random.PRNGKey (uint32[2]); got {key!r}."
-        ) from e
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    if key.shape != (2,) or key.dtype != jnp.uint32:
-        raise ValueError(
-            f"key must be an int seed or a jax.random.PRNGKey (uint32[2]); got shape "
-            f"{key.shape} and dtype {key.dtype}."
-        )
-    return key
+    return int(max_delay), schedule, collectives.as_key(key)
 
 
 def _device_key(key: jax.Array, count: jax.Array, axis_name: Hashable | None) -> jax.Array:
