@@ -39,6 +39,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -203,10 +204,13 @@ def _lore_states(state: Any, field: str) -> list[Any]:
     return collectives.find_states(state, lambda n: _is_lore_state(n) and field in n._fields)
 
 
-def _bits_low_word(state: Any) -> jax.Array:
-    """Sum of the low words of every ``bits_sent`` counter (per device)."""
+def bits_sent(state: Any) -> jax.Array:
+    """The low words of every ``bits_sent`` counter in ``state``, summed (int32).
+
+    Differences of two readings give a step's bits exactly (modulo 2**32, far above one
+    step's message)."""
     words = [s.bits_sent[1] for s in _lore_states(state, "bits_sent")]
-    return sum(words, jnp.zeros((), jnp.uint32))
+    return sum(words, jnp.zeros((), jnp.uint32)).astype(jnp.int32)
 
 
 def gradient_step(tx: optax.GradientTransformation, grad: Callable[..., jax.Array], *,
@@ -225,9 +229,9 @@ def gradient_step(tx: optax.GradientTransformation, grad: Callable[..., jax.Arra
         m = jax.lax.axis_size(AXIS)
         if server_side:
             g = jax.lax.psum(g, AXIS)
-        before = _bits_low_word(state)
+        before = bits_sent(state)
         updates, state = tx.update(g, state, x)
-        sent = (_bits_low_word(state) - before).astype(jnp.int32)
+        sent = bits_sent(state) - before
         bits = sent + m * 32 * x.size if server_side else m * sent
         return optax.apply_updates(x, updates), state, bits
 
@@ -280,12 +284,17 @@ class Curve:
         return len(self.gap) - 1
 
 
+@functools.lru_cache(maxsize=64)
+def _hessian(problem: Problem) -> np.ndarray:
+    return problem.hessian_bound()
+
+
 def suboptimality(problem: Problem, X: np.ndarray) -> np.ndarray:
     """``f(x) - f*`` in float64 (the exact quadratic form for least squares)."""
     X = np.asarray(X, np.float64)
     if problem.kind == "least_squares":
         D = X - problem.x_star
-        return 0.5 * np.einsum("...d,de,...e->...", D, problem.hessian_bound(), D)
+        return 0.5 * np.einsum("...d,de,...e->...", D, _hessian(problem), D)
     return problem.loss(X) - problem.f_star
 
 
@@ -327,6 +336,17 @@ class Runner:
         self._run_chunk = jax.jit(jax.shard_map(
             run_chunk, mesh=mesh, in_specs=(P(), self.specs, P(AXIS), P(AXIS), P(), P()),
             out_specs=(P(), self.specs, P(), P())), compiler_options=COMPILER_OPTIONS)
+
+    def with_problem(self, problem: Problem) -> Runner:
+        """The same compiled step on another problem of the same shapes and kind (the step
+        reads the problem's data as an argument; its regularizer must be the same)."""
+        if (problem.kind, problem.reg, problem.A.shape) != (
+                self.problem.kind, self.problem.reg, self.problem.A.shape):
+            raise ValueError("with_problem needs the same kind, regularizer and shapes.")
+        other = object.__new__(Runner)
+        other.__dict__.update(self.__dict__)
+        other.problem, other.data = problem, shard_problem(problem, self.mesh)
+        return other
 
     def init(self, seed: int, lr: float) -> Any:
         """The state with every transform's key derived from ``seed`` and the sgd step ``lr``."""

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> bool:
     alpha = 4
     comp = compressors.random_k(d // alpha)
     runner_het = common.Runner(het, common.compressed_sgd(comp), mesh)
-    runner_hom = common.Runner(hom, common.compressed_sgd(comp), mesh)
+    runner_hom = runner_het.with_problem(hom)   # same shapes: the compiled step is shared
     g_max = theory.dcgd(het.L, het.mu, float(alpha), het.L_max, het.sigma_star_sq,
                         common.NUM_WORKERS)
     fig, axes = common.figure(f"E5: DCGD, random-k per worker (alpha={alpha}), least squares, "
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> bool:
         per_noise = []
         for level in (noise / 3, noise):
             problem = problem_with(level)
-            runner = common.Runner(problem, common.compressed_sgd(comp), mesh)
+            runner = runner_het.with_problem(problem)
             curves = runner.runs(steps, lr=common.sum_step(gamma), seeds=seeds)
             per_noise.append({"noise": level, "sigma_star_sq": problem.sigma_star_sq,
                               "floor": floor_of(curves)})
