@@ -18,7 +18,12 @@ Pass criteria (spec): the iterations to reach ``eps`` grow like ``alpha + tau sq
 0``) diverges for large ``tau``. Measured: ``K(eps)`` at the A5 step for every ``(alpha,
 tau)``; the additive model ``alpha + tau sqrt(alpha)`` must explain it (the spread of
 ``K / (alpha + tau sqrt(alpha))`` within a factor 2) better than the multiplicative
-``alpha (1 + tau)``; the mean over seeds stays under the A5 bound; ``K <= K_theory``.
+``alpha (1 + tau)``; the mean over seeds stays under the A5 bound; ``K <= K_theory``. The
+blind step diverges for every tested ``tau`` beyond the stability limit of its mean
+iteration, ``tau > (pi / (2 asin(1 / (2 alpha))) - 1) / 2`` (1.0, 5.8 and 24.6 for ``alpha
+= 1, 4, 16``): "large" delay means large relative to ``alpha``, since the blind step
+``1 / (alpha L)`` is itself small when ``alpha`` is large; below the limit it may converge
+(reported).
 
 Constants are derived in the lore_jax spec, not quoted from the paper.
 """
@@ -45,12 +50,24 @@ def _compressor(alpha: int, d: int):
         d // alpha, shared_seed=True)
 
 
+def tau_limit(alpha: float) -> float:
+    """Largest delay for which the blind step's *mean* iteration is stable.
+
+    ``Q`` is unbiased and fresh, so ``E x`` follows ``y_{k+1} = y_k - gamma H y_{k - tau}``,
+    stable iff ``gamma lambda < 2 sin(pi / (2 (2 tau + 1)))`` for every eigenvalue
+    ``lambda`` of ``H``; with ``gamma = 1 / (alpha L)`` and ``lambda = L`` this is ``tau <
+    (pi / (2 asin(1 / (2 alpha))) - 1) / 2`` (about ``(pi alpha - 1) / 2``). Beyond it the
+    mean, hence the iteration, diverges.
+    """
+    return (math.pi / (2.0 * math.asin(1.0 / (2.0 * alpha))) - 1.0) / 2.0
+
+
 def main(argv: Sequence[str] | None = None) -> bool:
     args = common.parse_args(argv, __doc__)
     quick = args.quick
     d = 16 if quick else 32
     alphas = [4] if quick else [1, 4, 16]
-    taus = [0, 2, 8] if quick else [0, 1, 2, 4, 8, 16, 32]
+    taus = [0, 8] if quick else [0, 1, 2, 4, 8, 16, 32]
     random_taus = [] if quick else [2, 8, 32]
     blind_taus = [8] if quick else [8, 16, 32]
     seeds = [args.seed + i for i in range(2)]
@@ -101,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> bool:
                     step = 1.0 / (alpha * problem.L)   # optimal without delay; not admissible
                     c = runner.run(3000, lr=common.sum_step(step), seed=seeds[0])
                     blind[(alpha, tau)] = {"step": step, "diverged": c.diverged,
-                                           "steps_run": c.steps, "final_rel": c.gap[-1] / gap0}
+                                           "steps_run": c.steps, "final_rel": c.gap[-1] / gap0,
+                                           "tau_limit": tau_limit(alpha)}
                     axes[0][1].semilogy(np.arange(len(c.gap)), np.where(
                         np.isfinite(c.gap), c.gap, np.nan), label=f"alpha={alpha}, tau={tau}")
 
@@ -131,9 +149,13 @@ def main(argv: Sequence[str] | None = None) -> bool:
                                                  == r["alpha"] and f["tau"] == r["tau"])
                          * 1.1 for r in rand),
                      random={r["tau"]: r["iterations"] for r in rand})
-    report.claim(f"the delay-blind step 1/(alpha L) diverges for tau in {blind_taus}",
-                 all(v["diverged"] for v in blind.values()),
-                 steps_to_blowup={f"{a},{t}": v["steps_run"] for (a, t), v in blind.items()})
+    unstable = {key: v for key, v in blind.items() if key[1] > v["tau_limit"]}
+    report.claim("the delay-blind step 1/(alpha L) diverges for every tested tau beyond the "
+                 "stability limit of its mean iteration", bool(unstable) and all(
+                     v["diverged"] for v in unstable.values()),
+                 steps_to_blowup={f"alpha={a}, tau={t}": v["steps_run"]
+                                  for (a, t), v in unstable.items()},
+                 tau_limit={a: round(tau_limit(a), 1) for a in alphas})
 
     ax = axes[0][0]
     for alpha in alphas:

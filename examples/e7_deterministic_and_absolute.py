@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> bool:
                                  bound=None if ef else bound)
             report.add_curve(label, gap=dist, bits=curve.bits, quantity="||x_k - x*||",
                              bound=None if ef else bound, group="A3")
-        axes[1][0].axhline(m * eps / problem.mu, color="k", lw=0.6, ls=":")
+        if kappa == kappas[-1]:
+            axes[1][0].axhline(m * eps / problem.mu, color="k", lw=0.6, ls=":")
     common.label_pair(axes[1][0], axes[1][1], ylabel="||x_k - x*||",
                       note="dashed: A3 bound; dotted: m eps / mu")
     axes[1][0].set_title(f"A3, rounding Delta={step_grid:g} per worker, gamma = 2/(mu+L), "
