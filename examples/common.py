@@ -531,9 +531,12 @@ class Report:
 
 
 def _fmt(value: Any) -> str:
+    """Short text of a number, list or dict (3 significant digits)."""
     if isinstance(value, (float, np.floating)):
         return f"{value:.3g}"
-    if isinstance(value, (list, tuple)) and len(value) <= 8:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple, np.ndarray)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
 

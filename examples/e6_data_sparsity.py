@@ -20,7 +20,8 @@ gamma mu)^k ||x_0 - x*||^2``. ``alpha`` is the sparse-aware constant of each com
 
 Compressors: fp32 (the identity, ``32 d`` bits), TernGrad (fixed-length code, ``alpha``
 falls with ``nnz``), Bernoulli sparsification ``p = 1/4`` with indices (``alpha = 4``, its
-message holds ``nnz(Q(g))`` value-index pairs, so its bits fall with ``nnz``).
+message holds ``nnz(Q(g))`` value-index pairs, so its bits fall with ``nnz``). ``--quick``
+runs fp32 and Bernoulli on the 1 % and 100 % designs (TernGrad's alpha by Monte Carlo only).
 
 Pass criteria (spec): the effective ``alpha`` (Monte Carlo ``E||Q(g)||^2 / ||g||^2`` on the
 workers' gradients) and the bits scale with ``nnz``; bits to ``eps`` relative to fp32 fall as
