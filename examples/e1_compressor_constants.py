@@ -206,15 +206,16 @@ def main(argv: Sequence[str] | None = None) -> bool:
                  mismatches=[k for k, b in bits.items() if not b["ok"]])
 
     fig, axes = common.figure(f"E1: measured vs declared compressor constants (d={d}, "
-                              f"{draws} draws; {common.DERIVED})", cols=2, size=(7.5, 4.2))
+                              f"{draws} draws; {common.DERIVED})", cols=2, size=(7.5, 5.5))
     ax = axes[0][0]
     labels = list(table)
     xs = np.arange(len(labels))
     for j, name in enumerate(names):
         ratios = [table[c][name]["measured"] / table[c][name]["declared"]
-                  if table[c][name]["declared"] else np.nan for c in labels]
+                  if table[c][name]["ok"] is not None else np.nan for c in labels]
         ax.bar(xs + (j - 1) * 0.27, ratios, 0.27, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylim(0, 1.25)
     ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("measured / declared (<= 1: bound holds)")
     ax.set_title("alpha: E||Q||^2/||v||^2; delta: E||Q-v||^2/||v||^2 vs 1-delta; eps: max "

@@ -125,6 +125,9 @@ def run_problem(name, problem, setups, mesh, steps, seeds, eps_rel, report, axes
             row["bits_per_step"] / fp32["bits_per_step"])
     axes[0].axhline(eps, color="k", lw=0.6, ls=":")
     axes[1].axhline(eps, color="k", lw=0.6, ls=":")
+    reached = [r["bits_to_eps"] for r in rows.values() if math.isfinite(r["bits_to_eps"])]
+    if reached:   # the runs go on at the float32 floor; show the way down to eps
+        axes[1].set_xlim(0, 2.5 * max(reached))
     axes[0].set_title(f"{name}: d={d}, m={problem.num_shards}, kappa={problem.kappa:.3g}, "
                       f"sigma*^2={problem.sigma_star_sq:.2g}", fontsize=8)
     common.label_pair(axes[0], axes[1])

@@ -99,8 +99,11 @@ def main(argv: Sequence[str] | None = None) -> bool:
             report.add_curve(f"{label}, c={c:g}", shown, group=label, factor=c, step=gamma,
                              bound=bound)
         results[label] = per_c
-        axes[row][0].set_title(f"{label}: seed {seeds[0]}", fontsize=8)
+        axes[row][0].set_title(f"{label}: seed {seeds[0]} (diverging runs leave the top)",
+                               fontsize=8)
         common.label_pair(axes[row][0], axes[row][1])
+        for ax in axes[row][:2]:
+            ax.set_ylim(top=1e8 * gap0)
         ax = axes[row][2]
         cs = np.array(factors)
         finals = np.array([np.max(np.where(np.isfinite(per_c[c]["final_rel"]),

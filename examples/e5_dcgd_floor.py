@@ -94,10 +94,11 @@ def main(argv: Sequence[str] | None = None) -> bool:
             "homogeneous_rate": common.fitted_rate(hom_curve, len(hom_curve) // 2,
                                                    len(hom_curve)),
         })
+        color = f"C{factors.index(c)}"
         common.plot_pair(axes[0][0], axes[0][1], mean, curves_het[0].bits, f"c={c:g}",
-                         bound=bound)
+                         bound=bound, color=color)
         common.plot_pair(axes[0][0], axes[0][1], hom_curve, curves_hom[0].bits,
-                         f"c={c:g}, sigma*^2=0", style=":")
+                         f"c={c:g}, sigma*^2=0", style=":", color=color)
         report.add_curve(f"heterogeneous, c={c:g}", gap=mean, bits=curves_het[0].bits,
                          bound=bound, quantity="E||x_k - x*||^2", group="heterogeneous",
                          step=gamma)
@@ -146,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> bool:
                          r["floor"] <= r["floor_theory"] for r in per_alpha), slope=s_alpha)
         ax.loglog([gamma] * 3, [r["floor"] for r in per_alpha], "s", mfc="none",
                   label="alpha = 2, 4, 8 at one step")
+        for r in per_alpha:
+            ax.annotate(f"alpha={r['alpha']}", (gamma, r["floor"]), fontsize=7,
+                        xytext=(4, 0), textcoords="offset points")
         per_noise = []
         for level in (noise / 3, noise):
             problem = problem_with(level)
