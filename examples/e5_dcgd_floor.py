@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> bool:
     args = common.parse_args(argv, __doc__)
     quick = args.quick
     d = 16 if quick else 32
-    factors = [0.25, 1.0] if quick else [0.125, 0.25, 0.5, 1.0]
-    seeds = [args.seed] if quick else [args.seed + i for i in range(3)]
+    factors = [0.125, 0.5] if quick else [0.125, 0.25, 0.5, 1.0]
+    seeds = [args.seed + i for i in range(2 if quick else 3)]
     noise = 0.3
     report = common.Report("E5", "DCGD floor vs step, compressor and heterogeneity", args,
                            d=d, factors=factors, seeds=seeds, noise=noise)
