@@ -42,6 +42,8 @@ class TrainConfig:
       steps: total optimizer steps (a resumed run continues up to this number).
       batch_size: global batch, split evenly over the devices.
       learning_rate, optimizer, momentum: the base optimizer (``"adam"`` or ``"sgd"``).
+      schedule: ``"cosine"`` (decay to 0 at ``steps``; a resumed run with a different
+        ``steps`` follows the new schedule) or ``"constant"``.
       update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings.
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
@@ -65,8 +67,9 @@ class TrainConfig:
     learning_rate: float | None = None
     optimizer: str = "adam"
     momentum: float = 0.9
-    update_interval: int = 100
-    warmup_steps: int = 10
+    schedule: str = "cosine"
+    update_interval: int = 200
+    warmup_steps: int = 0
     error_feedback: str | None = "ef14"
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
@@ -87,6 +90,9 @@ class TrainConfig:
         if self.compressor not in optimizers.COMPRESSORS:
             raise TrainingError(f"unknown compressor {self.compressor!r}; choose one of "
                                 f"{', '.join(optimizers.COMPRESSORS)}.")
+        if self.schedule not in optimizers.SCHEDULES:
+            raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of "
+                                f"{', '.join(optimizers.SCHEDULES)}.")
         if self.optimizer not in optimizers.OPTIMIZERS:
             raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose one of "
                                 f"{', '.join(optimizers.OPTIMIZERS)}.")
@@ -163,6 +169,24 @@ def _blas_single_threaded():
     return threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
+_INIT_CACHE: dict[tuple, Any] = {}
+
+
+def _initial_params(cfg: TrainConfig, dataset: data_lib.Dataset, new_model) -> Any:
+    """The model's initial parameters as host arrays, reused by runs that share them.
+
+    Initialisation depends only on the model, its input shape and the seed; compiling
+    it costs seconds on CPU (one threefry program per initialiser), so a comparison of
+    compressors, or a test suite, pays it once per model.
+    """
+    key = (cfg.model, tuple(cfg.hidden), cfg.seed, dataset.input_shape, dataset.num_outputs)
+    if key not in _INIT_CACHE:
+        if len(_INIT_CACHE) >= 8:
+            _INIT_CACHE.clear()
+        _INIT_CACHE[key] = jax.device_get(models.create(new_model)[1])
+    return _INIT_CACHE[key]
+
+
 def train(config: TrainConfig) -> RunResult:
     """Runs (or resumes) one training run and returns its metrics.
 
@@ -188,10 +212,10 @@ def _train(cfg: TrainConfig) -> RunResult:
                 f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
                 f"to continue it, or choose another --checkpoint-dir.")
 
-    # Data and devices.
-    dataset = tasks.load_data(cfg.task, cfg.data, cfg.seq_len)
+    # Devices and data.
     mesh = make_mesh(cfg.devices)
     n_dev = mesh.shape[AXIS]
+    dataset = tasks.load_data(cfg.task, cfg.data, cfg.seq_len)
     if cfg.batch_size % n_dev:
         raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the "
                             f"{n_dev} devices; use a multiple of {n_dev}.")
@@ -209,7 +233,8 @@ def _train(cfg: TrainConfig) -> RunResult:
     apply_fn, params = models.abstract(new_model)
     tx = optimizers.make_optimizer(
         cfg.compressor, rank=cfg.rank, optimizer=cfg.optimizer,
-        learning_rate=cfg.learning_rate, momentum=cfg.momentum, axis_name=AXIS,
+        learning_rate=cfg.learning_rate, momentum=cfg.momentum, schedule=cfg.schedule,
+        total_steps=cfg.steps, axis_name=AXIS,
         update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
         error_feedback=cfg.error_feedback, seed=cfg.seed)
     opt_state = jax.eval_shape(lambda p: collectives.sharded_init(tx, p, mesh, AXIS), params)
@@ -226,7 +251,7 @@ def _train(cfg: TrainConfig) -> RunResult:
         params, opt_state = ckpt.restore(latest, params, opt_state)
         start, position = latest, data_lib.DataPosition(*meta["position"])
     else:
-        params = step_lib.replicate(models.create(new_model)[1], mesh)
+        params = step_lib.replicate(_initial_params(cfg, dataset, new_model), mesh)
         opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
 
     stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, cfg.batch_size, cfg.seed,

@@ -27,6 +27,7 @@ from lore_jax.training.errors import TrainingError
 
 COMPRESSORS = ("dense", "greedylore", "powersgd", "random")
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 class DenseMeanState(NamedTuple):
@@ -75,7 +76,20 @@ class CompressorError(TrainingError):
     """An unknown or unavailable compressor or optimizer was asked for."""
 
 
-def base_optimizer(name: str, learning_rate: float, momentum: float = 0.9
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant",
+                           total_steps: int | None = None) -> optax.ScalarOrSchedule:
+    """``"constant"``, or ``"cosine"``: decay from ``learning_rate`` to 0 at ``total_steps``."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule == "cosine":
+        if not total_steps:
+            raise CompressorError("a cosine schedule needs the total number of steps.")
+        return optax.cosine_decay_schedule(learning_rate, total_steps)
+    raise CompressorError(f"unknown schedule {schedule!r}; choose one of "
+                          f"{', '.join(SCHEDULES)}.")
+
+
+def base_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9
                    ) -> optax.GradientTransformation:
     """``adam`` or ``sgd`` (with ``momentum``; 0 for plain SGD)."""
     if name == "adam":
@@ -107,6 +121,8 @@ def make_optimizer(
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
+    schedule: str = "constant",
+    total_steps: int | None = None,
     axis_name: Hashable = "data",
     update_interval: int = 200,
     warmup_steps: int = 0,
@@ -119,8 +135,10 @@ def make_optimizer(
       compressor: one of :data:`COMPRESSORS`.
       rank: rank of the low-rank compressors.
       optimizer: ``"adam"`` or ``"sgd"``.
-      learning_rate: the base optimizer's step size.
+      learning_rate: the base optimizer's (peak) step size.
       momentum: SGD momentum.
+      schedule: ``"constant"`` or ``"cosine"`` (decay to 0 at ``total_steps``).
+      total_steps: the run's length, for the cosine schedule.
       axis_name: the mesh axis gradients are averaged over.
       update_interval: GreedyLore's subspace refresh period (steps).
       warmup_steps: GreedyLore's dense warm-up steps.
@@ -133,7 +151,8 @@ def make_optimizer(
     Raises:
       CompressorError: unknown names, or a compressor this installation lacks.
     """
-    base = base_optimizer(optimizer, learning_rate, momentum)
+    base = base_optimizer(optimizer, learning_rate_schedule(learning_rate, schedule, total_steps),
+                          momentum)
     if compressor == "dense":
         return optax.chain(dense_mean(axis_name), base)
     if compressor == "greedylore":

@@ -34,7 +34,7 @@ class TaskDefaults(NamedTuple):
 
 
 TASKS: dict[str, TaskDefaults] = {
-    "digits": TaskDefaults("mlp", 600, 128, 1e-3),
+    "digits": TaskDefaults("mlp", 400, 128, 3e-3),
     "classification": TaskDefaults("mlp", 600, 128, 1e-3),
     "regression": TaskDefaults("mlp", 600, 128, 1e-3),
     "charlm": TaskDefaults("transformer", 400, 32, 3e-3),

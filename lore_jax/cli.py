@@ -1,0 +1,259 @@
+"""The ``lore-jax`` command: train with a compressed gradient mean, or compare compressors.
+
+Usage::
+
+    lore-jax                                   # = lore-jax compare (digits, ~2 min on CPU)
+    lore-jax train --task digits --compressor greedylore --rank 4 --devices 8 \\
+        [--steps N --lr LR --optimizer adam|sgd --seed S --log FILE \\
+         --checkpoint-dir DIR [--checkpoint-every K] --resume]
+    lore-jax compare --task digits [--compressors dense,greedylore,powersgd,random --out DIR]
+    python -m lore_jax ...                     # the same
+
+Devices: real accelerators (GPU/TPU) are used when present. Otherwise the command
+simulates ``--devices`` CPU devices (default 8) by setting
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts (an existing
+setting in ``XLA_FLAGS`` wins).
+
+Multiple processes (``jax.distributed``): start the same command once per process with
+``--coordinator HOST:PORT --num-processes P --process-id I`` (I = 0 .. P-1; process 0's
+host runs the coordinator). ``--devices`` is the total over all processes; on CPU each
+process simulates ``devices / P`` of them. Only process 0 prints and writes logs and
+results; checkpoints are written by all processes together into a shared directory.
+For example, on one machine::
+
+    lore-jax train --devices 8 --coordinator localhost:12355 --num-processes 2 --process-id 0 &
+    lore-jax train --devices 8 --coordinator localhost:12355 --num-processes 2 --process-id 1
+
+Errors a user can fix (unknown task or compressor, too few devices, a missing data file,
+a checkpoint from another model, an existing checkpoint without ``--resume``) print one
+line on stderr and exit with status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+DEFAULT_SIMULATED_DEVICES = 8
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised, so :func:`main` reports them)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and model")
+    g.add_argument("--task", default="digits",
+                   help="digits | classification | regression | charlm | mnist | cifar10 "
+                        "(default: digits)")
+    g.add_argument("--model", default=None,
+                   help="mlp | cnn | transformer (default: the task's)")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="data to read: a text file (charlm), the MNIST IDX directory, the "
+                        "CIFAR-10 'cifar-10-batches-py' directory; nothing is downloaded")
+    g.add_argument("--hidden", default="256,256", metavar="W1,W2,...",
+                   help="MLP hidden widths (default: 256,256)")
+    g.add_argument("--seq-len", type=int, default=64, help="charlm characters per example")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--rank", type=int, default=4, help="rank of the low-rank compressors")
+    g.add_argument("--devices", type=int, default=None,
+                   help="devices on the data axis, over all processes (default: all "
+                        "accelerators, or 8 simulated CPU devices)")
+    g.add_argument("--steps", type=int, default=None, help="total steps (default: the task's)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over the devices (default: the task's)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's)")
+    g.add_argument("--optimizer", default="adam", help="adam | sgd (default: adam)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--schedule", default="cosine",
+                   help="learning-rate schedule: cosine (decay to 0 at --steps) | constant "
+                        "(default: cosine)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds initialisation, data order and compressors")
+    g.add_argument("--update-interval", type=int, default=200,
+                   help="GreedyLore: steps between subspace refreshes (default: 200)")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="GreedyLore: dense steps before compressing (default: 0)")
+    g.add_argument("--error-feedback", default="ef14", choices=("ef14", "ef21", "none"),
+                   help="error feedback of the compressors (default: ef14)")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="evaluate on the test set every N steps (and at the end)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    g = p.add_argument_group("multiple processes (jax.distributed)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, default=1, help="processes in the job")
+    g.add_argument("--process-id", type=int, default=0, help="this process, 0 .. P-1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lore-jax`` argument parser (subcommands ``train`` and ``compare``)."""
+    parser = _Parser(
+        prog="lore-jax",
+        description="Communication-efficient data-parallel training with lore_jax. "
+                    "With no arguments: compare dense, GreedyLore, PowerSGD and random "
+                    "projection on digits.",
+        epilog="Multi-process: run the same command once per process with --coordinator "
+               "HOST:PORT --num-processes P --process-id I.",
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    train = sub.add_parser("train", help="train one model",
+                           description="Train one model with one compressor.")
+    _add_common(train)
+    g = train.add_argument_group("compression, logs and checkpoints")
+    g.add_argument("--compressor", default="greedylore",
+                   help="dense | greedylore | powersgd | random (default: greedylore)")
+    g.add_argument("--log", default=None, metavar="FILE", help="JSON-lines metrics log")
+    g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="save checkpoints here (at the end, and every --checkpoint-every)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="also checkpoint every K steps")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir")
+
+    compare = sub.add_parser("compare", help="train with several compressors and compare",
+                             description="Train the same task with several compressors; "
+                                         "print a table, write compare.json and compare.png.")
+    _add_common(compare)
+    g = compare.add_argument_group("comparison")
+    g.add_argument("--compressors", default="dense,greedylore,powersgd,random",
+                   help="comma-separated list (default: dense,greedylore,powersgd,random)")
+    g.add_argument("--out", default="lore_jax_compare", metavar="DIR",
+                   help="where to write compare.json, compare.png and per-run logs "
+                        "(default: ./lore_jax_compare)")
+    return parser
+
+
+def _setup_devices(args: argparse.Namespace) -> None:
+    """Simulated CPU devices and jax.distributed, before JAX starts its backends."""
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise _UsageError(f"--process-id must be in [0, {args.num_processes}) and "
+                          f"--num-processes >= 1; got {args.process_id} and "
+                          f"{args.num_processes}.")
+    if args.num_processes > 1 and not args.coordinator:
+        raise _UsageError("--num-processes > 1 needs --coordinator HOST:PORT.")
+    total = args.devices or DEFAULT_SIMULATED_DEVICES
+    if total % args.num_processes:
+        raise _UsageError(f"--devices {total} is not divisible by --num-processes "
+                          f"{args.num_processes}.")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={total // args.num_processes}"
+        ).strip()
+    if args.coordinator:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def _config(args: argparse.Namespace, compressor: str):
+    from lore_jax.training import TrainConfig
+
+    try:
+        hidden = tuple(int(w) for w in args.hidden.split(",") if w.strip())
+    except ValueError:
+        raise _UsageError(f"--hidden must be comma-separated integers, got "
+                          f"{args.hidden!r}.") from None
+    return TrainConfig(
+        task=args.task, model=args.model, compressor=compressor, rank=args.rank,
+        devices=args.devices, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        schedule=args.schedule,
+        update_interval=args.update_interval, warmup_steps=args.warmup_steps,
+        error_feedback=None if args.error_feedback == "none" else args.error_feedback,
+        seed=args.seed, hidden=hidden, data=args.data, seq_len=args.seq_len,
+        eval_every=args.eval_every, progress=not args.no_progress,
+        log=getattr(args, "log", None), checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        checkpoint_every=getattr(args, "checkpoint_every", None),
+        resume=getattr(args, "resume", False),
+    ).resolved()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 110)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import jax
+
+    from lore_jax.training import train
+
+    result = train(_config(args, args.compressor))
+    if jax.process_index() == 0:
+        s = result.summary
+        acc = (f"  test accuracy {100 * s['test_accuracy']:.2f}%"
+               if "test_accuracy" in s else "")
+        comp = f"{s['compression']:.1f}x" if s["compression"] else "-"
+        print(f"{result.config['compressor']} on {result.config['task']}: step {s['steps']}  "
+              f"train loss {s['train_loss']:.4f}  test loss {s['test_loss']:.4f}{acc}  "
+              f"bits sent {s['bits_sent']:.4g} ({comp} fewer than dense)  "
+              f"time {s['time_s']:.1f}s")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    import jax
+
+    from lore_jax.training import compare as compare_lib
+
+    names = [c.strip() for c in args.compressors.split(",") if c.strip()]
+    main_process = jax.process_index() == 0
+    results = compare_lib.compare(_config(args, names[0] if names else "dense"), names,
+                                  args.out, main_process=main_process)
+    if main_process:
+        console = _console()
+        console.print(compare_lib.results_table(results))
+        console.print(f"wrote {os.path.join(args.out, 'compare.json')} and "
+                      f"{os.path.join(args.out, 'compare.png')}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``lore-jax`` command; returns the exit status.
+
+    Args:
+      argv: the arguments after the program name (default ``sys.argv[1:]``); empty means
+        ``compare`` with its defaults.
+
+    Returns:
+      0 on success, 2 for a problem with the request (reported as one line on stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["compare", *argv]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _setup_devices(args)
+        from lore_jax.training.errors import TrainingError
+
+        try:
+            (_run_train if args.command == "train" else _run_compare)(args)
+        except TrainingError as e:
+            raise _UsageError(str(e)) from None
+    except _UsageError as e:
+        print(f"lore-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lore-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
