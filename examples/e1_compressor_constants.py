@@ -128,6 +128,15 @@ def check(comp: C.Compressor, v: np.ndarray, Q: np.ndarray) -> dict:
     return out
 
 
+def _ratio(stat: dict) -> float:
+    """measured / declared for the figure (NaN when not judged; exact bounds of 0 give 0)."""
+    if stat["ok"] is None:
+        return float("nan")
+    if stat["declared"] == 0:   # e.g. top-k of a vector with at most k non-zeros: exact
+        return 0.0 if stat["measured"] <= 1e-12 else float("inf")
+    return stat["measured"] / stat["declared"]
+
+
 def bits_on_devices(comps: list[C.Compressor], v: np.ndarray, mesh) -> list[int]:
     """Bits each device sent in one ``compressed_mean`` step, per compressor (one compile)."""
     txs = [lore_jax.compressed_mean(c, axis_name=common.AXIS, error_feedback=None) for c in comps]
@@ -211,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> bool:
     labels = list(table)
     xs = np.arange(len(labels))
     for j, name in enumerate(names):
-        ratios = [table[c][name]["measured"] / table[c][name]["declared"]
-                  if table[c][name]["ok"] is not None else np.nan for c in labels]
+        ratios = [_ratio(table[c][name]) for c in labels]
         ax.bar(xs + (j - 1) * 0.27, ratios, 0.27, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylim(0, 1.25)
