@@ -157,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> bool:
                                  stop_below=eps_rel * gap0)
             gap, _ = common.mean_se(curves)
             dist, dist_se = common.mean_se(curves, "dist_sq")
-            under, _ = common.below_bound(dist, dist_se, g.bound(np.arange(len(dist)), dist0))
+            bound = g.bound(np.arange(len(dist)), dist0)
+            under, _ = common.below_bound(dist, dist_se, bound)
+            bound_f = 0.5 * problem.L * bound   # f - f* <= L/2 ||x - x*||^2
             hits = [common.first_below(c.gap, eps_rel * gap0) for c in curves]
             bits_eps = [c.bits[h] if h is not None else math.inf for c, h in zip(
                 curves, hits, strict=True)]
@@ -168,11 +170,13 @@ def main(argv: Sequence[str] | None = None) -> bool:
                                  "bits_to_eps": float(np.mean(bits_eps)),
                                  "bits_per_step": per_step, "under_bound": under}
             common.plot_pair(axes[0][col], axes[1][col], gap, curves[0].bits[:len(gap)],
-                             f"nnz/d = {nnz}%")
+                             f"nnz/d = {nnz}%", bound=bound_f[:len(gap)])
             report.add_curve(f"{label}, nnz={nnz}", gap=gap, bits=curves[0].bits[:len(gap)],
-                             group=label, nnz_per_row=nnz, step=g.step_size, alpha=alpha)
+                             bound=bound_f[:len(gap)], group=label, nnz_per_row=nnz,
+                             step=g.step_size, alpha=alpha)
         axes[0][col].set_title(label, fontsize=9)
-        common.label_pair(axes[0][col], axes[1][col], note="")
+        common.label_pair(axes[0][col], axes[1][col],
+                          note="dashed: A8 bound, L/2 E||x - x*||^2")
         axes[1][col].set_xlabel("cumulative uplink bits (all workers)")
     for nnz in densities:
         fp32 = table[nnz]["fp32"]["bits_to_eps"]
