@@ -1,0 +1,444 @@
+"""Shared helpers of the benchmark scripts: devices, timing, tables, JSON, transforms.
+
+Import it after setting ``XLA_FLAGS`` (see :func:`host_device_flag`); it imports JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+from lore_jax import accounting
+
+AXIS = "data"
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def mesh_of(n: int | None = None, platform_name: str | None = None) -> jax.sharding.Mesh:
+    """A one-axis ``"data"`` mesh over the first ``n`` devices of a platform.
+
+    ``platform_name=None`` takes the default backend (the GPU when there is one);
+    ``"cpu"`` takes the simulated host devices even on a GPU machine.
+    """
+    devices = jax.devices(platform_name) if platform_name else jax.devices()
+    n = len(devices) if n is None else min(n, len(devices))
+    return jax.make_mesh((n,), (AXIS,), devices=devices[:n])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    dev = jax.devices()[0]
+    return {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "devices": jax.device_count(),
+        "host_cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def describe_machine() -> str:
+    m = machine()
+    return (f"{m['devices']} x {m['platform']} ({m['device_kind']}) on {m['host_cpus']} host "
+            f"CPU cores, JAX {m['jax']}, Python {m['python']}")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def time_call(fn: Callable[..., Any], *args: Any, repeats: int = 5,
+              warmup: int = 1) -> dict[str, Any]:
+    """Wall-clock seconds of ``fn(*args)`` (blocked on its outputs): min, median, all runs."""
+    for _ in range(warmup):
+        block(fn(*args))
+    runs = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        block(fn(*args))
+        runs.append(time.perf_counter() - t)
+    return {"min": min(runs), "median": statistics.median(runs), "runs": runs}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+          note: str | None = None) -> str:
+    """Prints a table (rich when it is installed) and returns it as GitHub markdown."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title, caption=note)
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for row in cells:
+            t.add_row(*row)
+        Console(width=max(120, sum(len(c) for c in columns) + 8 * len(columns))).print(t)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(f"\n{title}")
+        print(" | ".join(columns))
+        for row in cells:
+            print(" | ".join(row))
+        if note:
+            print(note)
+    md = [f"**{title}**", "", "| " + " | ".join(columns) + " |",
+          "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    md += ["| " + " | ".join(row) + " |" for row in cells]
+    if note:
+        md += ["", note]
+    return "\n".join(md) + "\n"
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if x == 0:
+            return "0"
+        if abs(x) >= 1e5 or abs(x) < 1e-3:
+            return f"{x:.3g}"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    return str(x)
+
+
+def write_json(out_dir: str | os.PathLike, name: str, payload: dict[str, Any],
+               markdown: str | None = None) -> Path:
+    """Writes ``<out>/<name>.json`` (with the machine and command) and ``<name>.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "command": "python -m benchmarks." + name + " " + " ".join(sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **payload,
+    }
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    if markdown is not None:
+        header = (f"Measured on {describe_machine()}.\n\nCommand: `{record['command'].strip()}`"
+                  "\n\n")
+        (out / f"{name}.md").write_text(header + markdown)
+    print(f"wrote {path}")
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, jax.Array):
+        return np.asarray(x).tolist()
+    return str(x)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="results", help="directory for the JSON (and markdown)")
+    return p
+
+
+def ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def dense_mean(axis_name: Hashable | None = AXIS) -> optax.GradientTransformation:
+    """The uncompressed baseline: one mean all-reduce per gradient leaf."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return lore_jax.collectives.pmean(updates, axis_name), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def compressors_module() -> Any | None:
+    """``lore_jax.compressors`` and ``compressed_mean``, or ``None`` when not installed."""
+    try:
+        from lore_jax import compressors
+        from lore_jax.compressed_mean import compressed_mean
+    except ImportError:
+        return None
+    return compressors, compressed_mean
+
+
+def per_leaf(make: Callable[[int], Any], fraction: float, name: str) -> Any:
+    """A compressor whose integer parameter is ``max(1, round(fraction * d))`` per leaf.
+
+    ``top_k(k)`` and ``random_k(k)`` keep the same ``k`` in every leaf; benchmarks over
+    layers of very different sizes keep a fixed *fraction* instead. Every function of the
+    wrapped compressor sees the leaf's static shape, so the inner compressor is built
+    at trace time.
+    """
+    from lore_jax.compressors import Compressor
+
+    def inner(shape):
+        return make(max(1, int(round(fraction * int(np.prod(shape))))))
+
+    probe = make(1)
+    return Compressor(
+        name=name, kind=probe.kind, linear=probe.linear,
+        compress=lambda key, x, state=None, mean=None: inner(x.shape).compress(
+            key, x, state, mean),
+        decompress=lambda payload, ctx: inner(ctx.shape).decompress(payload, ctx),
+        bits=lambda shape, dtype=jnp.float32: inner(shape).bits(shape, dtype),
+        payload_bits=lambda payload, ctx: inner(ctx.shape).payload_bits(payload, ctx),
+        constant=lambda shape, v: inner(shape).constant(shape, v),
+    )
+
+
+def with_dense(tx: optax.GradientTransformation, dense_mask: Any,
+               axis_name: Hashable = AXIS) -> optax.GradientTransformation:
+    """``tx`` on the leaves where ``dense_mask`` is False, a dense mean on the others.
+
+    ``dense_mask`` is a pytree of bools like the parameters, or a callable returning one.
+    """
+    def compressed(params):
+        mask = dense_mask(params) if callable(dense_mask) else dense_mask
+        return jax.tree.map(lambda m: not m, mask)
+
+    return optax.chain(optax.masked(tx, compressed),
+                       optax.masked(dense_mean(axis_name), dense_mask))
+
+
+# ----------------------------------------------------------------------------- HLO
+
+
+def abstract_global(tree: Any, mesh: jax.sharding.Mesh, specs: Any) -> Any:
+    """``ShapeDtypeStruct`` leaves carrying ``NamedSharding(mesh, spec)``: lowering with
+    them compiles a step without allocating its inputs."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+        tree, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def update_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                specs: Any) -> Callable:
+    """``jit(shard_map(tx.update))`` on per-device gradients stacked along axis 0."""
+    def step(g, s):
+        return tx.update(jax.tree.map(lambda x: x[0], g), s)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(AXIS), specs),
+                                 out_specs=(P(), specs)))
+
+
+def abstract_state(tx: optax.GradientTransformation, params: Any,
+                   mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """The optimizer state as abstract global arrays, and its shard_map specs."""
+    local = jax.eval_shape(tx.init, params)
+    specs = lore_jax.state_specs(local, AXIS)
+    n = mesh.shape[AXIS]
+
+    def globalize(x, s):
+        shape = x.shape if s == P() else (n * x.shape[0],) + tuple(x.shape[1:])
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(mesh, s))
+
+    state = jax.tree.map(globalize, local, specs, is_leaf=lambda x: isinstance(x, P))
+    return state, specs
+
+
+def compiled_hlo(tx: optax.GradientTransformation, params: Any,
+                 mesh: jax.sharding.Mesh) -> str:
+    """The optimized HLO text of one shard_mapped ``tx.update`` step on ``params``'s shapes."""
+    state, specs = abstract_state(tx, params, mesh)
+    n = mesh.shape[AXIS]
+    grads = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype,
+                                       sharding=NamedSharding(mesh, P(AXIS))), params)
+    return update_step(tx, mesh, specs).lower(grads, state).compile().as_text()
+
+
+def wire_bits(hlo_text: str, n: int) -> dict[str, Any]:
+    """Per-device payload bits of every collective in ``hlo_text``, by computation.
+
+    An all-reduce contributes its buffer; an all-gather's result holds all ``n`` slots,
+    so a device contributes ``1/n`` of it.
+
+    Returns:
+      ``{"by_computation": {name: {"all-reduce": bits, "all-gather": bits}}, "branches":
+      [[names...]] (conditional branches in order)}``.
+    """
+    by: dict[str, dict[str, int]] = {}
+    for c in accounting.hlo_collectives(hlo_text):
+        bits = c["bits"] // n if c["op"] == "all-gather" else c["bits"]
+        slot = by.setdefault(c["computation"], {})
+        slot[c["op"]] = slot.get(c["op"], 0) + bits
+    return {"by_computation": by, "branches": accounting.hlo_conditional_branches(hlo_text)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def training_available() -> bool:
+    try:
+        from lore_jax.training import data, models, step, tasks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
+              batch_size: int, model: str | None = None, seed: int = 0, seq_len: int = 32,
+              hidden: Sequence[int] = (256, 256), eval_every: int = 0,
+              target: float | None = None, window: int = 10,
+              compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains ``task`` with the optax chain ``tx`` (which must average over ``"data"``).
+
+    Built from :mod:`lore_jax.training` (data, NNX models, the shard_map train step), with
+    any transform. The loop stops early once the mean training loss over the last
+    ``window`` steps is at most ``target``.
+
+    Returns:
+      ``losses`` (per step), ``step_times`` (seconds, compilation excluded; each step is
+      blocked on), ``bits_sent`` / ``bits_dense`` (cumulative, per step), ``compile_s``,
+      ``evals`` (``[step, test_loss]``), ``compiled_text`` (the step's optimized HLO), and,
+      with a target, ``steps_to_target``,
+      ``time_to_target`` and ``bits_to_target`` (``None`` when it was not reached).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from lore_jax.training import data as data_lib
+    from lore_jax.training import models, tasks
+    from lore_jax.training import step as step_lib
+
+    dataset = tasks.load_data(task, None, seq_len)
+    model = model or tasks.TASKS[task].model
+    apply_fn, params = models.split(tasks.make_model(model, dataset, seed, hidden))
+    params = step_lib.replicate(params, mesh)
+    opt_state, specs = step_lib.init_optimizer(tx, params, mesh, AXIS)
+    train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
+    eval_step = step_lib.make_eval_step(apply_fn, dataset.kind, mesh, AXIS)
+    stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, batch_size, seed)
+
+    def put(a):
+        return step_lib.global_array(a, mesh, P(AXIS))
+
+    t = time.perf_counter()
+    compiled = train_step.lower(params, opt_state, put(dataset.x_train[:batch_size]),
+                                put(dataset.y_train[:batch_size])).compile(
+        compiler_options=compiler_options)
+    compile_s = time.perf_counter() - t
+    out: dict[str, Any] = {"losses": [], "step_times": [], "bits_sent": [], "bits_dense": [],
+                           "evals": [], "compile_s": compile_s, "steps_to_target": None,
+                           "compiled_text": compiled.as_text(),
+                           "time_to_target": None, "bits_to_target": None,
+                           "num_params": int(sum(np.prod(x.shape)
+                                                 for x in jax.tree.leaves(params)))}
+    elapsed = 0.0
+    for i in range(1, steps + 1):
+        xb, yb = next(stream)
+        x, y = put(xb), put(yb)
+        t = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, x, y)
+        loss = float(metrics["loss"])           # blocks on the step
+        dt = time.perf_counter() - t
+        elapsed += dt
+        comm = accounting.communication(opt_state)
+        if comm["bits_dense"] == 0:     # no lore_jax state: the dense mean (float32 leaves)
+            comm = {"bits_sent": 32 * i * out["num_params"],
+                    "bits_dense": 32 * i * out["num_params"]}
+        out["losses"].append(loss)
+        out["step_times"].append(dt)
+        out["bits_sent"].append(comm["bits_sent"])
+        out["bits_dense"].append(comm["bits_dense"])
+        if eval_every and (i % eval_every == 0 or i == steps):
+            m = step_lib.evaluate(eval_step, params, dataset.x_test, dataset.y_test, mesh, AXIS)
+            out["evals"].append([i, m["loss"]])
+        if target is not None and len(out["losses"]) >= window and \
+                float(np.mean(out["losses"][-window:])) <= target:
+            out.update(steps_to_target=i, time_to_target=elapsed,
+                       bits_to_target=comm["bits_sent"])
+            break
+    out["train_time"] = elapsed
+    return out
+
+
+def task_setup(task: str, mesh, *, model: str | None = None, seed: int = 0,
+               seq_len: int = 32, hidden: Sequence[int] = (256, 256)) -> dict[str, Any]:
+    """Dataset, pure ``apply`` and replicated parameters of a :mod:`lore_jax.training` task."""
+    from lore_jax.training import models, tasks
+    from lore_jax.training import step as step_lib
+
+    dataset = tasks.load_data(task, None, seq_len)
+    model = model or tasks.TASKS[task].model
+    apply_fn, params = models.split(tasks.make_model(model, dataset, seed, hidden))
+    return {"dataset": dataset, "apply": apply_fn, "params": step_lib.replicate(params, mesh),
+            "model": model}
+
+
+def plain_train_step(apply_fn, kind: str, tx: optax.GradientTransformation, mesh,
+                     specs: Any) -> Callable:
+    """Like :func:`lore_jax.training.step.make_train_step` but without buffer donation, so
+    one (params, state) input can be timed repeatedly (e.g. in a chosen GreedyLore phase)."""
+    from lore_jax.training.step import loss_and_metrics
+
+    def local_step(params, opt_state, x, y):
+        def objective(p):
+            loss_sum, _ = loss_and_metrics(kind, apply_fn(p, x), y)
+            return loss_sum / x.shape[0]
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, AXIS)
+
+    return jax.jit(jax.shard_map(local_step, mesh=mesh,
+                                 in_specs=(P(), specs, P(AXIS), P(AXIS)),
+                                 out_specs=(P(), specs, P())))
+
+
+def with_count(opt_state: Any, count: int, mesh) -> Any:
+    """``opt_state`` with every lore_jax state's step ``count`` set (to pick a phase)."""
+    def _is_lore_state(x):
+        return hasattr(type(x), "PER_DEVICE_FIELDS") and hasattr(x, "_fields")
+
+    def fix(node):
+        if _is_lore_state(node) and hasattr(node, "count"):
+            return node._replace(count=jax.device_put(jnp.asarray(count, jnp.int32),
+                                                      NamedSharding(mesh, P())))
+        return node
+
+    return jax.tree.map(fix, opt_state, is_leaf=_is_lore_state)

@@ -1,0 +1,166 @@
+"""Compute overhead of compression: time of a compressed training step / a dense one.
+
+Every method's full training step (forward, backward, the compressed mean, Adam) is
+compiled once on the 8-device mesh; then all of them are timed *in one interleaved
+loop* (round after round, each round calling every method once), so that load on a
+shared machine hits every method alike. Each call starts from the same inputs and
+blocks on its outputs; the median over rounds is reported.
+
+GreedyLore runs three different programs depending on its step count: the dense
+warm-up, the basis refresh and the compressed step. Each is timed separately by
+setting the state's ``count`` (the refresh measured is a *later* one, which uses the
+configured ``refresh`` method; the first refresh is always an exact SVD), and the
+refresh is amortized over ``tau`` steps:
+``amortized = ((tau - 1) * compressed + refresh) / tau``, ``overhead = amortized / dense``.
+
+On simulated CPU devices all 8 devices share the host's cores and the "collectives"
+are memory copies, so the overhead here is compute-bound and larger than on real
+accelerators with a network; ``benchmarks/time_to_target.py`` adds the network.
+
+Example:
+  python -m benchmarks.overhead
+  python -m benchmarks.overhead --configs digits:1024,1024 --rank 8 --tau 200 --rounds 20
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/README.md, "Threads"
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+from benchmarks import common
+
+BATCH = {"digits": 128, "charlm": 32}
+
+
+def parse_configs(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``task[:hidden,widths]`` items separated by spaces or semicolons."""
+    out = []
+    for item in text.replace(";", " ").split():
+        task, _, hidden = item.partition(":")
+        out.append((task, tuple(common.ints(hidden)) if hidden else (256, 256)))
+    return out
+
+
+def build_methods(rank: int, tau: int, iters: int) -> dict[str, tuple[Any, dict[str, int]]]:
+    """Name -> (transform, {phase: count}) for the methods timed."""
+    gl = dict(update_interval=tau, warmup_steps=0, axis_name=common.AXIS)
+    phases = {"refresh": tau, "compressed": 1}   # count tau: the second (non-first) refresh
+    out: dict[str, Any] = {
+        "dense": (common.dense_mean(), {"step": 0}),
+        "greedylore (svd refresh)": (lore_jax.greedylore(rank, refresh="svd", **gl), phases),
+        "greedylore (fast refresh)": (lore_jax.greedylore(
+            rank, refresh="subspace_iteration", refresh_iters=iters, **gl), phases),
+    }
+    cm = common.compressors_module()
+    if cm is not None:
+        comps, cmean = cm
+        out[f"powersgd r={rank}"] = (cmean(comps.powersgd(rank), axis_name=common.AXIS),
+                                     {"step": 0})
+        out[f"random projection r={rank}"] = (
+            cmean(comps.random_projection(rank), axis_name=common.AXIS), {"step": 0})
+    return out
+
+
+def measure(task: str, hidden: tuple[int, ...], rank: int, tau: int, iters: int, rounds: int,
+            lr: float, seed: int) -> dict[str, Any]:
+    mesh = common.mesh_of(8)
+    setup = common.task_setup(task, mesh, seed=seed, hidden=hidden)
+    ds = setup["dataset"]
+    from lore_jax.training import step as step_lib
+
+    b = BATCH.get(task, 64)
+    x = step_lib.global_array(ds.x_train[:b], mesh, P(common.AXIS))
+    y = step_lib.global_array(ds.y_train[:b], mesh, P(common.AXIS))
+    calls: dict[tuple[str, str], Any] = {}
+    compile_s = {}
+    for name, (compress, phases) in build_methods(rank, tau, iters).items():
+        tx = optax.chain(compress, optax.adam(lr))
+        state, specs = step_lib.init_optimizer(tx, setup["params"], mesh, common.AXIS)
+        t = time.perf_counter()
+        step = common.plain_train_step(setup["apply"], ds.kind, tx, mesh, specs)
+        compiled = step.lower(setup["params"], state, x, y).compile()
+        compile_s[name] = time.perf_counter() - t
+        for phase, count in phases.items():
+            s = common.with_count(state, count, mesh) if phase != "step" else state
+            calls[(name, phase)] = (compiled, s)
+            common.block(compiled(setup["params"], s, x, y))        # warm up
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, (compiled, s) in calls.items():
+            t = time.perf_counter()
+            common.block(compiled(setup["params"], s, x, y))
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    dense = med[("dense", "step")]
+    methods: dict[str, Any] = {}
+    for (name, phase), t in med.items():
+        methods.setdefault(name, {})[phase] = t
+    for name, ph in methods.items():
+        if "compressed" in ph:
+            ph["amortized"] = ((tau - 1) * ph["compressed"] + ph["refresh"]) / tau
+        else:
+            ph["amortized"] = ph["step"]
+        ph["overhead"] = ph["amortized"] / dense
+        ph["compile_s"] = compile_s[name]
+    nparams = sum(int(v.size) for v in jax.tree.leaves(setup["params"]))
+    return {"task": task, "model": setup["model"], "hidden": list(hidden), "batch": b,
+            "params": nparams, "rank": rank, "tau": tau, "rounds": rounds, "methods": methods,
+            "runs": {f"{k[0]} / {k[1]}": v for k, v in times.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--configs", default="digits:256,256 digits:1024,1024 charlm",
+                   help="task[:MLP hidden widths] items")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--tau", type=int, default=200)
+    p.add_argument("--iters", type=int, default=1, help="power iterations of the fast refresh")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not common.training_available():
+        print("lore_jax.training is not installed: nothing to measure.")
+        return {}
+    print(f"overhead: {common.describe_machine()}")
+    results = []
+    for task, hidden in parse_configs(args.configs):
+        r = measure(task, hidden, args.rank, args.tau, args.iters, args.rounds, args.lr,
+                    args.seed)
+        results.append(r)
+        print(f"  measured {task} {hidden if task != 'charlm' else ''}")
+    md = []
+    for r in results:
+        label = (f"{r['task']} {r['model']}" + (f" {tuple(r['hidden'])}" if r["model"] == "mlp"
+                                                else "") + f", {r['params']:,} params")
+        rows = []
+        for name, ph in r["methods"].items():
+            rows.append([name, ph.get("step", ph.get("compressed")) * 1e3,
+                         ph["refresh"] * 1e3 if "refresh" in ph else "-",
+                         ph["amortized"] * 1e3, ph["overhead"]])
+        md.append(common.table(
+            f"Step time, {label} (batch {r['batch']}, rank {r['rank']}, tau {r['tau']}, "
+            f"8 devices)",
+            ["method", "step / compressed ms", "refresh ms", "amortized ms", "x dense"], rows,
+            note=f"median of {r['rounds']} interleaved rounds; amortized = ((tau-1) "
+                 f"compressed + refresh) / tau"))
+    payload = {"args": vars(args), "results": results}
+    common.write_json(args.out, "overhead", payload, "\n".join(md))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
