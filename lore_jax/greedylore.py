@@ -171,6 +171,28 @@ def _dense_flags(dense: Any, tree: Any) -> list[bool]:
     return flags
 
 
+def _exact_refresh(h: jax.Array, u_prev: jax.Array) -> jax.Array:
+    del u_prev
+    return subspace.svd_basis(h)[0]
+
+
+def _stacked_refresh(fn: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Array,
+                     u_prev: jax.Array) -> jax.Array:
+    """``fn(h, u_prev)`` on a group's ``(k, a, b)`` / ``(k, a, a)`` stacks; on CPU, one
+    matrix per LAPACK call.
+
+    jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh) split a batch over XLA's intra-op
+    thread pool and block until it is done. When several devices of one process (e.g.
+    simulated CPU devices) refresh at once they can occupy every pool thread while
+    waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
+    platforms keep the batched call.
+    """
+    def one_at_a_time(h, u_prev):
+        return jax.lax.map(lambda hu: fn(*hu), (h, u_prev))
+
+    return jax.lax.platform_dependent(h, u_prev, cpu=one_at_a_time, default=fn)
+
+
 def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, int, int]:
     """Per-device payload bits of a (dense, compressed, dense-baseline) step."""
     dense_leaf_bits = sum(
@@ -329,14 +351,16 @@ def greedylore(
                 c_bar = collectives.pmean(xs, axis_name)
                 if with_svd:
                     if refresh == "svd":
-                        basis = [subspace.svd_basis(h)[0] for h in c_bar]
+                        basis = [_stacked_refresh(_exact_refresh, h, u)
+                                 for h, u in zip(c_bar, basis, strict=True)]
                     else:
                         basis = [
                             jax.lax.cond(
                                 state.count == t0,
-                                lambda h, u: subspace.svd_basis(h)[0],
-                                lambda h, u, g=g: subspace.subspace_iteration_basis(
-                                    h, u, g.rank, refresh_iters)[0],
+                                lambda h, u: _stacked_refresh(_exact_refresh, h, u),
+                                lambda h, u, g=g: _stacked_refresh(
+                                    lambda m, v: subspace.subspace_iteration_basis(
+                                        m, v, g.rank, refresh_iters)[0], h, u),
                                 h, u,
                             )
                             for h, u, g in zip(c_bar, basis, plan.groups, strict=True)
