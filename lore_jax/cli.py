@@ -12,7 +12,8 @@ Usage::
 Devices: real accelerators (GPU/TPU) are used when present. Otherwise the command
 simulates ``--devices`` CPU devices (default 8) by setting
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts (an existing
-setting in ``XLA_FLAGS`` wins).
+setting in ``XLA_FLAGS`` wins); it also turns off XLA's concurrency-optimised CPU
+scheduler, which can deadlock simulated devices (see :data:`CPU_SCHEDULER_FLAG`).
 
 Multiple processes (``jax.distributed``): start the same command once per process with
 ``--coordinator HOST:PORT --num-processes P --process-id I`` (I = 0 .. P-1; process 0's
@@ -37,6 +38,12 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+# Simulated CPU devices share one XLA thread pool. With the concurrency-optimised
+# scheduler, batched LAPACK calls (GreedyLore's SVD refresh of several same-shape
+# matrices) that fan out on that pool while other devices' threads wait in a collective
+# occasionally deadlock; the plain scheduler avoided it in our runs at no measurable
+# cost. It only affects the CPU backend.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 DEFAULT_SIMULATED_DEVICES = 8
 
 
@@ -150,9 +157,10 @@ def _setup_devices(args: argparse.Namespace) -> None:
                           f"{args.num_processes}.")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={total // args.num_processes}"
-        ).strip()
+        flags += f" --xla_force_host_platform_device_count={total // args.num_processes}"
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        flags += f" {CPU_SCHEDULER_FLAG}"
+    os.environ["XLA_FLAGS"] = flags.strip()
     if args.coordinator:
         import jax
 
