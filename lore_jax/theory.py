@@ -298,6 +298,27 @@ def _result(algorithm: str, section: str, step: float, max_step: float, closed: 
 _GRAD_SQ = "min_{k<K} E||grad f(x_k)||^2"
 
 
+def _unbiased_descent(algorithm: str, section: str, L: float, smoothness_name: str,
+                      mu: Any, alpha: float, num_blocks: int, step_size: Any,
+                      budget: _Budget) -> Guarantee:
+    """The guarantee shared by A1 (``num_blocks = 1``) and A7, from the descent lemma
+    ``E f(x+) <= f(x) - (gamma / n_b)(1 - alpha L gamma / 2) ||grad f(x)||^2``.
+
+    ``L``, ``alpha`` and ``num_blocks`` are already checked; ``mu`` is checked against ``L``
+    (named ``smoothness_name``) in the PL case. The labels are ``algorithm`` followed by
+    ``" (non-convex)"`` or ``" (PL)"``.
+    """
+    max_step = 2.0 / (alpha * L)
+    gamma = _step(step_size, max_step, closed=False, recommended=1.0 / (alpha * L))
+    descent = gamma * (1.0 - alpha * L * gamma / 2.0) / num_blocks
+    if mu is None:
+        return _result(f"{algorithm} (non-convex)", section, gamma, max_step, False, _GRAD_SQ,
+                       budget, coefficient=1.0 / descent)
+    mu = _mu(mu, L, smoothness_name)
+    return _result(f"{algorithm} (PL)", section, gamma, max_step, False, "E f(x_k) - f*",
+                   budget, rate=1.0 - 2.0 * mu * descent)
+
+
 # ----------------------------------------------------------------------------- conversions
 
 
@@ -489,16 +510,9 @@ def cgd_unbiased(
     """
     L = _positive("L", L)
     alpha = _alpha(alpha)
-    max_step = 2.0 / (alpha * L)
-    gamma = _step(step_size, max_step, closed=False, recommended=1.0 / (alpha * L))
-    descent = gamma * (1.0 - alpha * L * gamma / 2.0)
-    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
-    if mu is None:
-        return _result("A1 CGD, unbiased compressor (non-convex)", "5.1", gamma, max_step,
-                       False, _GRAD_SQ, budget, coefficient=1.0 / descent)
-    mu = _mu(mu, L)
-    return _result("A1 CGD, unbiased compressor (PL)", "5.1", gamma, max_step, False,
-                   "E f(x_k) - f*", budget, rate=1.0 - 2.0 * mu * descent)
+    return _unbiased_descent("A1 CGD, unbiased compressor", "5.1", L, "L", mu, alpha, 1,
+                             step_size,
+                             _Budget(initial, target, uplink_bits, num_workers, downlink_bits))
 
 
 def cgd_contractive(
@@ -887,16 +901,9 @@ def compressed_bcd(
     L_block = _positive("L_block", L_block)
     alpha = _alpha(alpha)
     n_b = _integer("num_blocks", num_blocks, 1)
-    max_step = 2.0 / (alpha * L_block)
-    gamma = _step(step_size, max_step, closed=False, recommended=1.0 / (alpha * L_block))
-    descent = gamma * (1.0 - alpha * L_block * gamma / 2.0) / n_b
-    budget = _Budget(initial, target, uplink_bits, num_workers, downlink_bits)
-    if mu is None:
-        return _result("A7 compressed BCD (non-convex)", "5.7", gamma, max_step, False,
-                       _GRAD_SQ, budget, coefficient=1.0 / descent)
-    mu = _mu(mu, L_block, "L_block")
-    return _result("A7 compressed BCD (PL)", "5.7", gamma, max_step, False, "E f(x_k) - f*",
-                   budget, rate=1.0 - 2.0 * mu * descent)
+    return _unbiased_descent("A7 compressed BCD", "5.7", L_block, "L_block", mu, alpha, n_b,
+                             step_size,
+                             _Budget(initial, target, uplink_bits, num_workers, downlink_bits))
 
 
 def compressed_sgd(
