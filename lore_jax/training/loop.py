@@ -84,18 +84,12 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the task's defaults filled in and every option checked."""
-        if self.task not in tasks.TASKS:
-            raise TrainingError(f"unknown task {self.task!r}; choose one of "
-                                f"{', '.join(tasks.TASKS)}.")
-        if self.compressor not in optimizers.COMPRESSORS:
-            raise TrainingError(f"unknown compressor {self.compressor!r}; choose one of "
-                                f"{', '.join(optimizers.COMPRESSORS)}.")
-        if self.schedule not in optimizers.SCHEDULES:
-            raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of "
-                                f"{', '.join(optimizers.SCHEDULES)}.")
-        if self.optimizer not in optimizers.OPTIMIZERS:
-            raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose one of "
-                                f"{', '.join(optimizers.OPTIMIZERS)}.")
+        for name, choices in (("task", tasks.TASKS), ("compressor", optimizers.COMPRESSORS),
+                              ("schedule", optimizers.SCHEDULES),
+                              ("optimizer", optimizers.OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise TrainingError(f"unknown {name} {getattr(self, name)!r}; choose one of "
+                                    f"{', '.join(choices)}.")
         d = tasks.TASKS[self.task]
         out = dataclasses.replace(
             self, model=self.model or d.model, steps=self.steps or d.steps,
