@@ -37,6 +37,19 @@ Design choices where the spec infers or leaves room (each is tested):
   replicated key and never the device index (spec pitfall 2). ``num_probes > 1``
   averages the squared scores of independent probes (spec section 2.2: k probes cut
   the score variance by k for k a score floats); the default 1 is the paper's.
+* **Shared probes** (``probes="shared"``, a lore_jax option; the paper's is
+  ``"independent"``). Computing ``Z = U^T H`` costs O(a^2 b) per matrix and step (spec
+  pitfall 11), which is ``a / (3 B)`` of the matrix's forward and backward pass on ``B``
+  examples per device: the dominant cost of the compressed step when ``B`` is small
+  next to ``a``. With one probe ``v ~ N(0, I_b)`` per matrix shared by all directions,
+  ``lam_i = U^T (H_i v)`` costs O(ab + a^2) and ``R_i = U[:, J]^T H_i`` O(rab), the order
+  of PowerSGD's compute. Each averaged score keeps its law, ``N(0, ||u_j^T Hbar||^2)``, so
+  ``E[lam_j^2]`` is still the global energy of direction ``j``; the scores of different
+  directions now have covariance ``Z Z^T`` (``Z = U^T Hbar``), which is diagonal, and the
+  selection's law exactly the paper's, when ``U`` diagonalises ``Hbar Hbar^T`` (right
+  after an exact refresh on the same gradient) and close to it while the basis is fresh.
+  Probes of step ``t`` and group ``g``: ``normal(fold_in(fold_in(key, t), g),
+  (num_probes, k, b))``. Payload and bits are unchanged.
 * **Orientation and reshapes.** Leaves with ``ndim > 2`` are flattened to
   ``(prod(shape[:-1]), shape[-1])``, Flax's ``(..., in, out)`` kernel layout; the
   projection acts along the smaller side, so this equals the spec's ``(out, rest)`` view
@@ -64,7 +77,8 @@ Design choices where the spec infers or leaves room (each is tested):
   gradient dtype (spec pitfall 9); the output has the gradient's dtype. Dense leaves
   are all-reduced in their own dtype.
 
-Communication per compressed step and matrix: ``num_probes * a`` score floats plus
+Compute per compressed step and matrix: O(a^2 b) with independent probes, O(rab + a^2)
+with shared ones. Communication per compressed step and matrix: ``num_probes * a`` score floats plus
 ``r * b`` factor floats, in two sequential all-reduces; dense leaves (vectors, masked or
 gated matrices) are all-reduced every step. The state's counters ``bits_sent`` and
 ``bits_dense`` accumulate the payload one device contributed and what a dense
@@ -89,6 +103,7 @@ from lore_jax import accounting, collectives, subspace
 from lore_jax import error_feedback as ef
 
 Refresh = Literal["svd", "subspace_iteration"]
+Probes = Literal["independent", "shared"]
 
 
 class GreedyLoreState(NamedTuple):
@@ -217,6 +232,7 @@ def greedylore(
     dense: Any | Callable[[Any], Any] | None = None,
     key: Any = None,
     num_probes: int = 1,
+    probes: Probes = "independent",
     refresh: Refresh = "svd",
     refresh_iters: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -235,6 +251,10 @@ def greedylore(
         ``params -> mask``); ``True`` keeps a leaf dense (embeddings, output heads).
       key: int seed or ``jax.random.PRNGKey`` for the shared probes (default seed 0).
       num_probes: Gaussian probes per basis direction (1 in the paper).
+      probes: ``"independent"`` (the paper's: one probe ``v_j ~ N(0, I_b)`` per basis
+        direction, O(a^2 b) per matrix and step) or ``"shared"`` (one probe per matrix
+        for all directions, ``lam = U^T (H v)``, O(a b + a^2) plus O(r a b) for the
+        factor; lore_jax extension, see the module docstring).
       refresh: ``"svd"`` (exact, the paper's) or ``"subspace_iteration"`` (fast, warm
         started; lore_jax extension).
       refresh_iters: power iterations of the fast refresh.
@@ -274,6 +294,11 @@ def greedylore(
         )
     if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
+    if probes not in ("independent", "shared"):
+        raise ValueError(
+            f"probes={probes!r} is not supported; use 'independent' (one Gaussian probe per "
+            f"basis direction, the paper's) or 'shared' (one per matrix, cheaper)."
+        )
     if refresh not in ("svd", "subspace_iteration"):
         raise ValueError(
             f"refresh={refresh!r} is not supported; use 'svd' or 'subspace_iteration'."
@@ -370,18 +395,26 @@ def greedylore(
 
         def compressed_step(basis):
             step_key = jax.random.fold_in(state.key, state.count)
-            zs = [subspace.coordinates(u, x) for u, x in zip(basis, xs, strict=True)]
-            lams = [
-                subspace.probe_scores(
-                    z, jax.random.normal(jax.random.fold_in(step_key, gi),
-                                         (num_probes,) + z.shape, jnp.float32))
-                for gi, z in enumerate(zs)
-            ]
+
+            def draw(gi, shape):
+                return jax.random.normal(jax.random.fold_in(step_key, gi),
+                                         (num_probes,) + shape, jnp.float32)
+
+            if probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
+                zs = [subspace.coordinates(u, x) for u, x in zip(basis, xs, strict=True)]
+                lams = [subspace.probe_scores(z, draw(gi, z.shape))
+                        for gi, z in enumerate(zs)]
+            else:                         # lam = U^T (H v): O(ab + a^2), no Z
+                lams = [subspace.shared_probe_scores(u, x, draw(gi, x.shape[:-2] + x.shape[-1:]))
+                        for gi, (u, x) in enumerate(zip(basis, xs, strict=True))]
             lams = collectives.pmean(lams, axis_name)                   # all-reduce #1
             idx = [subspace.greedy_select(jnp.mean(lam * lam, axis=0), g.rank)
                    for lam, g in zip(lams, plan.groups, strict=True)]
             ps = [subspace.take_columns(u, j) for u, j in zip(basis, idx, strict=True)]
-            rs = [subspace.take_rows(z, j) for z, j in zip(zs, idx, strict=True)]
+            if probes == "independent":
+                rs = [subspace.take_rows(z, j) for z, j in zip(zs, idx, strict=True)]
+            else:
+                rs = [subspace.coordinates(p, x) for p, x in zip(ps, xs, strict=True)]
             c_local = [subspace.reconstruct(p, r) for p, r in zip(ps, rs, strict=True)]
             r_bar = collectives.pmean(rs, axis_name)                    # all-reduce #2
             c_bar = [subspace.reconstruct(p, r) for p, r in zip(ps, r_bar, strict=True)]

@@ -166,6 +166,27 @@ def probe_scores(z: jax.Array, probes: jax.Array) -> jax.Array:
     return jnp.sum(z[None] * probes, axis=-1)
 
 
+def shared_probe_scores(u: jax.Array, h: jax.Array, probes: jax.Array) -> jax.Array:
+    """Signed scores from one probe shared by all directions: ``lam = U^T (H v)``.
+
+    ``lam[p, ..., j] = u_j^T H v_p``, at O(ab + a^2) per probe instead of the O(a^2 b) of
+    ``Z = U^T H``. Each score has the law of :func:`probe_scores`'s,
+    ``N(0, ||u_j^T H||^2)``; the scores of different directions are correlated through
+    ``Z Z^T`` (independent when ``U`` diagonalises ``H H^T``).
+
+    Args:
+      u: ``(..., a, a)`` orthonormal basis (columns).
+      h: ``(..., a, b)`` matrices.
+      probes: ``(num_probes, ..., b)`` standard normal probes.
+
+    Returns:
+      ``(num_probes, ..., a)``; as for :func:`probe_scores`, average over devices before
+      squaring.
+    """
+    hv = jnp.einsum("...ab,p...b->p...a", h, probes)
+    return jnp.einsum("...aj,p...a->p...j", u, hv)
+
+
 def greedy_select(scores: jax.Array, rank: int) -> jax.Array:
     """Indices of the ``rank`` largest scores along the last axis (ties: lower index).
 

@@ -5,7 +5,8 @@ explicitly; float64 throughout. The only things it shares with lore_jax are the
 documented conventions: leaf -> matrix view (flatten to (prod(shape[:-1]), shape[-1]),
 transpose if tall), the size gate, and the probe formula (groups of same oriented
 shape numbered by first appearance, probes of step t for group g drawn as
-``jax.random.normal(fold_in(fold_in(key, t), g), (1, k, a, b))``).
+``jax.random.normal(fold_in(fold_in(key, t), g), (1, k, a, b))``, or ``(1, k, b)`` for
+shared probes).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def _svd_basis(h: np.ndarray) -> np.ndarray:
 
 class GreedyLoreReference:
     def __init__(self, params: dict, rank: int, tau: int, t0: int, n: int, key,
-                 ef: str | None = "ef14", rate: float = 2.0):
+                 ef: str | None = "ef14", rate: float = 2.0, probes: str = "independent"):
         self.names = sorted(params)  # dict leaves flatten in sorted-key order
         self.rank, self.tau, self.t0, self.n, self.ef, self.key = rank, tau, t0, n, ef, key
+        self.shared = probes == "shared"
         self.t = 0
         self.comp, self.group, self.pos = {}, {}, {}
         shapes: list[tuple[int, int]] = []
@@ -62,7 +64,8 @@ class GreedyLoreReference:
         a, b, _ = self.comp[name]
         g = self.group[name]
         k = jax.random.fold_in(jax.random.fold_in(self.key, self.t), g)
-        v = jax.random.normal(k, (1, self.counts[g], a, b))
+        shape = (1, self.counts[g], b) if self.shared else (1, self.counts[g], a, b)
+        v = jax.random.normal(k, shape)
         return np.asarray(v, np.float64)[0, self.pos[name]]
 
     def step(self, grads: list[dict]) -> dict:
@@ -90,7 +93,10 @@ class GreedyLoreReference:
             else:
                 u = self.U[name]
                 v = self.probes(name)
-                lam = np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0)
+                if self.shared:   # one probe for every direction: lam_j = u_j^T H v
+                    lam = np.mean([u.T @ (x @ v) for x in xs], axis=0)
+                else:             # one probe per direction: lam_j = <(U^T H)[j], v_j>
+                    lam = np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0)
                 score = lam ** 2
                 order = sorted(range(a), key=lambda j: (-score[j], j))[:r]
                 p = u[:, order]

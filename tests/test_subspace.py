@@ -93,3 +93,38 @@ def test_greedylore_fast_refresh_tracks_the_exact_refresh():
     # The dominant direction agrees with the exact refresh (the trailing ones are noise
     # with nearly equal singular values, where any rotation is as good).
     assert abs(float(fast[:, 0] @ exact[:, 0])) > 0.99
+
+
+def test_shared_probe_scores_are_u_transpose_h_v():
+    rng = np.random.default_rng(5)
+    u = np.linalg.qr(rng.standard_normal((2, 6, 6)))[0]
+    h = rng.standard_normal((2, 6, 11))
+    v = rng.standard_normal((3, 2, 11))
+    lam = subspace.shared_probe_scores(*(jnp.asarray(x, jnp.float32) for x in (u, h, v)))
+    expect = np.stack([[u[k].T @ h[k] @ v[p, k] for k in range(2)] for p in range(3)])
+    np.testing.assert_allclose(lam, expect, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_probe_scores_square_to_the_direction_energy_in_expectation(shared):
+    """E[lam_j^2] = ||u_j^T H||^2 for independent and for shared probes (spec section 2.2)."""
+    rng = np.random.default_rng(6)
+    a, b, k = 8, 24, 4000
+    u = np.linalg.qr(rng.standard_normal((a, a)))[0]   # not aligned with h
+    h = rng.standard_normal((a, b)) * np.linspace(2.0, 0.2, a)[:, None]
+    key = jax.random.PRNGKey(1)
+    uj, hj = jnp.asarray(u, jnp.float32), jnp.asarray(h, jnp.float32)
+    if shared:
+        lam = subspace.shared_probe_scores(uj, hj, jax.random.normal(key, (k, b)))
+    else:
+        z = subspace.coordinates(uj, hj)
+        lam = subspace.probe_scores(z, jax.random.normal(key, (k, a, b)))
+    energy = np.sum((u.T @ h) ** 2, axis=1)
+    mean_sq = np.asarray(lam, np.float64) ** 2
+    # lam_j^2 / energy_j ~ chi^2_1: mean 1, standard error sqrt(2 / k) = 2.2%
+    np.testing.assert_allclose(mean_sq.mean(0) / energy, 1.0, atol=5 * np.sqrt(2 / k))
+    # shared probes correlate the directions through Z Z^T; independent ones do not
+    corr = np.corrcoef(np.asarray(lam, np.float64).T)[0, 1]
+    zzt = (u.T @ h) @ (u.T @ h).T
+    expect = zzt[0, 1] / np.sqrt(zzt[0, 0] * zzt[1, 1]) if shared else 0.0
+    assert abs(corr - expect) < 5 / np.sqrt(k)
