@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
+from helpers import init_and_step, put
 from jax.sharding import PartitionSpec as P
 
 import lore_jax
@@ -32,24 +32,10 @@ def device_grads(seed: int, params=PARAMS, scale: float = 1.0) -> dict:
             for k, v in params.items()}
 
 
-def put(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P("data")))
-
-
-def shard_step(tx, mesh, state):
-    specs = lore_jax.state_specs(state, "data")
-
-    def step(g, s):
-        return tx.update(jax.tree.map(lambda x: x[0], g), s)
-
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), specs),
-                                 out_specs=(P(), specs)))
-
-
 def setup(comp, mesh, params=PARAMS, **kwargs):
     tx = compressed_mean(comp, axis_name="data", **kwargs)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    return tx, state, shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
+    return tx, state, step
 
 
 def collectives_of(step, g, state) -> tuple[set, int]:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from greedylore_reference import GreedyLoreReference
-from jax.sharding import NamedSharding
+from helpers import init_and_step, put
 from jax.sharding import PartitionSpec as P
 
 import lore_jax
@@ -47,20 +47,6 @@ def device_grads(rng: np.random.Generator, params: dict, scale: float = 1.0) -> 
         noise = 0.3 * rng.standard_normal((N,) + v.shape)
         out[k] = np.asarray(scale * (shared + noise), np.float32)
     return out
-
-
-def shard_step(tx, mesh, state):
-    specs = lore_jax.state_specs(state, "data")
-
-    def step(g, s):
-        return tx.update(jax.tree.map(lambda x: x[0], g), s)
-
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), specs),
-                                 out_specs=(P(), specs)))
-
-
-def put(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P("data")))
 
 
 def unoriented_mean_error(state: lore_jax.GreedyLoreState, params: dict, rank: int,
@@ -137,8 +123,7 @@ def test_full_rank_reproduces_dense_mean_every_step(mesh):
     params = make_params(rng)
     tx = lore_jax.greedylore(16, update_interval=4, warmup_steps=1, axis_name="data",
                              min_compression_rate=0.0)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     for _ in range(9):  # warm-up, refreshes and compressed steps
         g = device_grads(rng, params)
         out, state = step(put(g, mesh), state)
@@ -158,8 +143,7 @@ def test_matches_numpy_reference_step_by_step(mesh, error_feedback):
     tx = lore_jax.greedylore(2, axis_name="data", error_feedback=error_feedback, key=key, **kw)
     ref = GreedyLoreReference(params, 2, 4, 2, N, key, ef=error_feedback, rate=1.5)
     assert set(ref.comp) == {"a_w", "b_w", "c_conv", "e_w"}  # f_small fails the gate
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     for t in range(12):
         g = device_grads(rng, params)
         out, state = step(put(g, mesh), state)
@@ -175,8 +159,7 @@ def test_telescoping_invariant_over_50_steps(mesh):
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=10, warmup_steps=3, axis_name="data",
                              min_compression_rate=1.5)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     sum_out = {k: np.zeros(v.shape) for k, v in params.items()}
     sum_mean = {k: np.zeros(v.shape) for k, v in params.items()}
     for _ in range(50):
@@ -199,8 +182,7 @@ def test_ef21_global_tracker_is_mean_of_device_trackers(mesh):
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=5, axis_name="data", error_feedback="ef21",
                              min_compression_rate=1.5)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     for _ in range(8):
         _, state = step(put(device_grads(rng, params), mesh), state)
         for e, h in zip(state.error, state.tracker, strict=True):
@@ -261,8 +243,7 @@ def test_compiled_hlo_all_reduces_exactly_the_reported_payload(mesh):
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=4, warmup_steps=1, axis_name="data",
                              min_compression_rate=1.5)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     g = put(device_grads(rng, params), mesh)
     text = step.lower(g, state).compile().as_text()
     collectives = accounting.hlo_collectives(text)
@@ -311,8 +292,7 @@ def test_pmap_and_shard_map_agree_and_bases_are_identical(mesh):
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=3, warmup_steps=1, axis_name="data",
                              min_compression_rate=1.5)
-    s_shard = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, s_shard)
+    s_shard, step = init_and_step(tx, params, mesh)
     replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (N,) + x.shape), params)
     s_pmap = jax.pmap(tx.init, axis_name="data")(replicated)
     pstep = jax.pmap(tx.update, axis_name="data")
@@ -341,10 +321,9 @@ def test_bf16_gradients_keep_float32_state_and_bf16_output(mesh):
     tx = lore_jax.greedylore(2, update_interval=3, axis_name="data", min_compression_rate=1.5)
     tx32 = lore_jax.greedylore(2, update_interval=3, axis_name="data",
                                min_compression_rate=1.5)
-    state = lore_jax.sharded_init(tx, params, mesh)
+    state, step = init_and_step(tx, params, mesh)
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    state32 = lore_jax.sharded_init(tx32, params32, mesh)
-    step, step32 = shard_step(tx, mesh, state), shard_step(tx32, mesh, state32)
+    state32, step32 = init_and_step(tx32, params32, mesh)
     for _ in range(4):
         g = jax.tree.map(lambda x: x.astype(jnp.bfloat16), device_grads(rng, params))
         out, state = step(put(g, mesh), state)
@@ -368,8 +347,7 @@ def test_dense_mask_keeps_leaves_exact(mesh):
                                 min_compression_rate=1.5,
                                 dense=lambda p: {k: k == "a_w" for k in p})
     for t in (tx, tx_fn):
-        state = lore_jax.sharded_init(t, params, mesh)
-        step = shard_step(t, mesh, state)
+        state, step = init_and_step(t, params, mesh)
         for _ in range(3):
             g = device_grads(rng, params)
             out, state = step(put(g, mesh), state)
@@ -390,8 +368,7 @@ def test_nonfinite_gradients_do_not_poison_state(mesh, bad, phase_step):
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=100, axis_name="data",
                              min_compression_rate=1.5)
-    state = lore_jax.sharded_init(tx, params, mesh)
-    step = shard_step(tx, mesh, state)
+    state, step = init_and_step(tx, params, mesh)
     for _ in range(phase_step):
         _, state = step(put(device_grads(rng, params), mesh), state)
     g = device_grads(rng, params)

@@ -1,0 +1,36 @@
+"""Helpers shared by the tests that run a gradient transform on the 8-device 'data' mesh.
+
+Gradients are stacked per device (leading axis 8) and sharded along 'data'; one step
+runs ``tx.update`` on each device's slice inside ``shard_map`` and returns the
+(replicated) update and the new state.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+
+
+def put(tree, mesh):
+    """Shards a tree of per-device arrays (leading axis 8) along the 'data' axis."""
+    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+
+
+def shard_step(tx, mesh, state):
+    """A jitted ``(g, state) -> (update, state)`` step of ``tx`` on every device of ``mesh``."""
+    specs = lore_jax.state_specs(state, "data")
+
+    def step(g, s):
+        return tx.update(jax.tree.map(lambda x: x[0], g), s)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), specs),
+                                 out_specs=(P(), specs)))
+
+
+def init_and_step(tx, params, mesh):
+    """The sharded initial state of ``tx`` for ``params`` and its :func:`shard_step`."""
+    state = lore_jax.sharded_init(tx, params, mesh)
+    return state, shard_step(tx, mesh, state)
