@@ -77,6 +77,7 @@ def unoriented_mean_error(state: lore_jax.GreedyLoreState, params: dict, rank: i
         (dict(rank=2, min_compression_rate=-1.0), "min_compression_rate"),
         (dict(rank=2, num_probes=0), "num_probes"),
         (dict(rank=2, refresh="qr"), "refresh"),
+        (dict(rank=2, probes="one"), "probes"),
         (dict(rank=2, key="seed"), "key"),
     ],
 )
@@ -134,14 +135,18 @@ def test_full_rank_reproduces_dense_mean_every_step(mesh):
             assert float(jnp.max(jnp.abs(e))) < 1e-4
 
 
-@pytest.mark.parametrize("error_feedback", ["ef14", "ef21", None])
-def test_matches_numpy_reference_step_by_step(mesh, error_feedback):
+@pytest.mark.parametrize("error_feedback, probes", [
+    ("ef14", "independent"), ("ef21", "independent"), (None, "independent"),
+    ("ef14", "shared"), ("ef21", "shared")])
+def test_matches_numpy_reference_step_by_step(mesh, error_feedback, probes):
     rng = np.random.default_rng(1)
     params = make_params(rng)
     key = jax.random.PRNGKey(7)
     kw = dict(update_interval=4, warmup_steps=2, min_compression_rate=1.5)
-    tx = lore_jax.greedylore(2, axis_name="data", error_feedback=error_feedback, key=key, **kw)
-    ref = GreedyLoreReference(params, 2, 4, 2, N, key, ef=error_feedback, rate=1.5)
+    tx = lore_jax.greedylore(2, axis_name="data", error_feedback=error_feedback, key=key,
+                             probes=probes, **kw)
+    ref = GreedyLoreReference(params, 2, 4, 2, N, key, ef=error_feedback, rate=1.5,
+                              probes=probes)
     assert set(ref.comp) == {"a_w", "b_w", "c_conv", "e_w"}  # f_small fails the gate
     state, step = init_and_step(tx, params, mesh)
     for t in range(12):
@@ -211,8 +216,9 @@ def test_exact_greedy_selection_is_contractive_on_any_basis(rank):
         assert ratio <= 1 - rank / basis.shape[0] + 1e-5
 
 
+@pytest.mark.parametrize("probes", ["independent", "shared"])
 @pytest.mark.parametrize("rank", [2, 4])
-def test_compressed_step_contracts_in_expectation_with_stale_basis(rank):
+def test_compressed_step_contracts_in_expectation_with_stale_basis(rank, probes):
     """One compressed step with the probe-selected directions of a stale basis:
     E||C(x) - x||^2 <= (1 - r/a)||x||^2 (spec section 2.2, G4)."""
     basis, x = _stale_setup()
@@ -220,7 +226,7 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(rank):
     params = {"w": jnp.zeros((a, x.shape[1]))}
 
     def one_step(key):
-        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key)
+        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, probes=probes)
         state = tx.init(params)
         state = state._replace(basis=(jnp.asarray(basis, jnp.float32)[None],),
                                count=jnp.ones([], jnp.int32))  # past the first refresh
