@@ -92,6 +92,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="GreedyLore: steps between subspace refreshes (default: 200)")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="GreedyLore: dense steps before compressing (default: 0)")
+    g.add_argument("--refresh", default="svd", choices=("svd", "subspace_iteration"),
+                   help="GreedyLore's subspace refresh: svd (exact) | subspace_iteration "
+                        "(warm-started, much cheaper) (default: svd)")
+    g.add_argument("--probes", default="independent", choices=("independent", "shared"),
+                   help="GreedyLore's probes: independent (one per direction) | shared (one "
+                        "per matrix, cheaper at small batches) (default: independent)")
     g.add_argument("--error-feedback", default="ef14", choices=("ef14", "ef21", "none"),
                    help="error feedback of the compressors (default: ef14)")
     g.add_argument("--eval-every", type=int, default=100,
@@ -184,7 +190,8 @@ def _config(args: argparse.Namespace, compressor: str):
         schedule=args.schedule,
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
-        seed=args.seed, hidden=hidden, data=args.data, seq_len=args.seq_len,
+        refresh=args.refresh, probes=args.probes, seed=args.seed, hidden=hidden,
+        data=args.data, seq_len=args.seq_len,
         eval_every=args.eval_every, progress=not args.no_progress,
         log=getattr(args, "log", None), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every=getattr(args, "checkpoint_every", None),

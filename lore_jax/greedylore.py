@@ -144,6 +144,10 @@ class _Plan(NamedTuple):
 
 _WARMUP, _REFRESH, _COMPRESSED = 0, 1, 2
 
+#: Values of :func:`greedylore`'s ``refresh`` and ``probes`` arguments.
+REFRESH_METHODS = ("svd", "subspace_iteration")
+PROBE_KINDS = ("independent", "shared")
+
 
 def _make_plan(leaves: list[Any], dense_flags: list[bool], rank: int, rate: float) -> _Plan:
     views, group_of, keys, members = [], [], {}, []
@@ -294,12 +298,12 @@ def greedylore(
         )
     if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
-    if probes not in ("independent", "shared"):
+    if probes not in PROBE_KINDS:
         raise ValueError(
             f"probes={probes!r} is not supported; use 'independent' (one Gaussian probe per "
             f"basis direction, the paper's) or 'shared' (one per matrix, cheaper)."
         )
-    if refresh not in ("svd", "subspace_iteration"):
+    if refresh not in REFRESH_METHODS:
         raise ValueError(
             f"refresh={refresh!r} is not supported; use 'svd' or 'subspace_iteration'."
         )

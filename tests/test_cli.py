@@ -79,6 +79,8 @@ def test_checkpoint_errors_leave_it_untouched(trained, capsys):
     (["train", "--steps", "many"], "invalid int value"),
     (["train", "--resume"], "--resume needs --checkpoint-dir"),
     (["train", "--batch-size", "12"], "not divisible"),
+    (["train", "--probes", "one"], "--probes: invalid choice: 'one'"),
+    (["train", "--refresh", "qr"], "--refresh: invalid choice: 'qr'"),
 ])
 def test_bad_requests_give_one_line(mesh, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -150,3 +152,17 @@ def test_other_compressors_train(mesh, tmp_path, compressor):
     res = train(TrainConfig(compressor=compressor, steps=3, hidden=(32, 32), batch_size=32,
                             progress=False))
     assert np.isfinite(res.summary["train_loss"]) and res.summary["compression"] > 1.5
+
+
+def test_greedylore_refresh_and_probes_options_reach_the_transform(mesh):
+    from lore_jax.training import TrainConfig, train
+
+    kw = dict(steps=12, hidden=(32, 32), batch_size=32, update_interval=4,
+              schedule="constant", eval_every=12, progress=False)
+    base = train(TrainConfig(**kw)).summary
+    fast = train(TrainConfig(refresh="subspace_iteration", probes="shared", **kw)).summary
+    assert np.isfinite(fast["train_loss"]) and fast["compression"] > 1.5
+    # Neither option changes what crosses the wire ...
+    assert fast["bits_sent"] == base["bits_sent"]
+    # ... but both change the directions chosen, so the runs differ.
+    assert fast["train_loss"] != base["train_loss"]

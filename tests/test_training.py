@@ -169,6 +169,8 @@ def test_checkpoint_holds_per_device_buffers_and_refuses_mismatches(reference_ru
 def test_config_errors_are_training_errors():
     with pytest.raises(TrainingError, match="unknown task 'nope'"):
         train(TrainConfig(task="nope"))
+    with pytest.raises(TrainingError, match="unknown probes 'one'.*independent, shared"):
+        train(TrainConfig(probes="one"))
     with pytest.raises(TrainingError, match="--devices 16"):
         train(TrainConfig(devices=16, steps=1, progress=False))
     with pytest.raises(TrainingError, match="not divisible"):

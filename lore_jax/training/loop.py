@@ -19,6 +19,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from lore_jax import accounting, collectives
+from lore_jax.greedylore import PROBE_KINDS, REFRESH_METHODS
 from lore_jax.training import data as data_lib
 from lore_jax.training import metrics as metrics_lib
 from lore_jax.training import models, optimizers, tasks
@@ -45,6 +46,9 @@ class TrainConfig:
       schedule: ``"cosine"`` (decay to 0 at ``steps``; a resumed run with a different
         ``steps`` follows the new schedule) or ``"constant"``.
       update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings.
+      refresh, probes: GreedyLore's subspace refresh (``"svd"`` or
+        ``"subspace_iteration"``) and probes (``"independent"`` or ``"shared"``); see
+        :func:`lore_jax.greedylore`.
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
       data: a file or directory for tasks that read one.
@@ -71,6 +75,8 @@ class TrainConfig:
     update_interval: int = 200
     warmup_steps: int = 0
     error_feedback: str | None = "ef14"
+    refresh: str = "svd"
+    probes: str = "independent"
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
     data: str | None = None
@@ -86,7 +92,8 @@ class TrainConfig:
         """A copy with the task's defaults filled in and every option checked."""
         for name, choices in (("task", tasks.TASKS), ("compressor", optimizers.COMPRESSORS),
                               ("schedule", optimizers.SCHEDULES),
-                              ("optimizer", optimizers.OPTIMIZERS)):
+                              ("optimizer", optimizers.OPTIMIZERS),
+                              ("refresh", REFRESH_METHODS), ("probes", PROBE_KINDS)):
             if getattr(self, name) not in choices:
                 raise TrainingError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                     f"{', '.join(choices)}.")
@@ -230,7 +237,8 @@ def _train(cfg: TrainConfig) -> RunResult:
         learning_rate=cfg.learning_rate, momentum=cfg.momentum, schedule=cfg.schedule,
         total_steps=cfg.steps, axis_name=AXIS,
         update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
-        error_feedback=cfg.error_feedback, seed=cfg.seed)
+        error_feedback=cfg.error_feedback, seed=cfg.seed, refresh=cfg.refresh,
+        probes=cfg.probes)
     opt_state = jax.eval_shape(lambda p: collectives.sharded_init(tx, p, mesh, AXIS), params)
     specs = collectives.state_specs(opt_state, AXIS)
     params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)

@@ -128,6 +128,8 @@ def make_optimizer(
     warmup_steps: int = 0,
     error_feedback: str | None = "ef14",
     seed: int = 0,
+    refresh: str = "svd",
+    probes: str = "independent",
 ) -> optax.GradientTransformation:
     """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``.
 
@@ -144,6 +146,10 @@ def make_optimizer(
       warmup_steps: GreedyLore's dense warm-up steps.
       error_feedback: ``"ef14"``, ``"ef21"`` or ``None``.
       seed: seeds the random compressors' keys.
+      refresh: GreedyLore's subspace refresh, ``"svd"`` (exact) or
+        ``"subspace_iteration"`` (warm-started from the previous basis, much cheaper).
+      probes: GreedyLore's probes, ``"independent"`` (one per basis direction, the
+        paper's) or ``"shared"`` (one per matrix; cheaper selection at small batches).
 
     Returns:
       An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
@@ -161,7 +167,7 @@ def make_optimizer(
         return optax.chain(
             greedylore(rank, update_interval=update_interval, warmup_steps=warmup_steps,
                        axis_name=axis_name, error_feedback=error_feedback,
-                       key=seed),
+                       key=seed, refresh=refresh, probes=probes),
             base)
     if compressor in ("powersgd", "random"):
         try:
