@@ -4,6 +4,7 @@ Example:
   python -m benchmarks.run_all                     # default sizes, results/ (~25 min, 2 cores)
   python -m benchmarks.run_all --full --out results/full
   python -m benchmarks.run_all --only refresh,bytes_on_wire
+  python -m benchmarks.run_all --collect           # only rebuild results.md from the .md files
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ FULL = {
     "refresh": ["--shapes", "256x1024,768x3072,1024x4096,2048x8192",
                 "--energy-shapes", "256x1024,1024x4096,2048x8192", "--chain", "10",
                 "--svd-repeats", "3", "--train-steps", "600"],
-    "overhead": ["--configs", "digits:256,256 digits:1024,1024 digits:2048,2048 charlm",
+    "overhead": ["--configs", "digits:256,256 digits:1024,1024@1024 digits:2048,2048@2048 "
+                 "charlm charlm@256",
                  "--rounds", "30"],
     "time_to_target": ["--max-steps", "2000", "--repeats", "30"],
 }
@@ -31,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--full", action="store_true", help="the larger sizes of each script")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(ORDER))
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing; concatenate the scripts' existing .md files")
     args = p.parse_args(argv)
     names = [n for n in ORDER if not args.only or n in args.only.split(",")]
     out = Path(args.out)
     failed = []
-    for name in names:
+    for name in [] if args.collect else names:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)]
         if args.full:
             cmd += FULL[name]
