@@ -78,8 +78,8 @@ Design choices where the spec infers or leaves room (each is tested):
   are all-reduced in their own dtype.
 
 Compute per compressed step and matrix: O(a^2 b) with independent probes, O(rab + a^2)
-with shared ones. Communication per compressed step and matrix: ``num_probes * a`` score floats plus
-``r * b`` factor floats, in two sequential all-reduces; dense leaves (vectors, masked or
+with shared ones. Communication per compressed step and matrix: ``num_probes * a`` score
+floats plus ``r * b`` factor floats, in two sequential all-reduces; dense leaves (vectors, masked or
 gated matrices) are all-reduced every step. The state's counters ``bits_sent`` and
 ``bits_dense`` accumulate the payload one device contributed and what a dense
 all-reduce would have contributed (see :func:`lore_jax.communication`).
@@ -92,7 +92,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -145,8 +145,8 @@ class _Plan(NamedTuple):
 _WARMUP, _REFRESH, _COMPRESSED = 0, 1, 2
 
 #: Values of :func:`greedylore`'s ``refresh`` and ``probes`` arguments.
-REFRESH_METHODS = ("svd", "subspace_iteration")
-PROBE_KINDS = ("independent", "shared")
+REFRESH_METHODS: tuple[str, ...] = get_args(Refresh)
+PROBE_KINDS: tuple[str, ...] = get_args(Probes)
 
 
 def _make_plan(leaves: list[Any], dense_flags: list[bool], rank: int, rate: float) -> _Plan:
