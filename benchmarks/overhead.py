@@ -68,15 +68,14 @@ def parse_configs(text: str) -> list[tuple[str, tuple[int, ...], int]]:
 def build_methods(rank: int, tau: int, iters: int) -> dict[str, tuple[Any, dict[str, int]]]:
     """Name -> (transform, {phase: count}) for the methods timed."""
     gl = dict(update_interval=tau, warmup_steps=0, axis_name=common.AXIS)
+    fast = dict(gl, refresh="subspace_iteration", refresh_iters=iters)
     phases = {"refresh": tau, "compressed": 1}   # count tau: the second (non-first) refresh
     out: dict[str, Any] = {
         "dense": (common.dense_mean(), {"step": 0}),
         "greedylore (svd refresh)": (lore_jax.greedylore(rank, refresh="svd", **gl), phases),
-        "greedylore (fast refresh)": (lore_jax.greedylore(
-            rank, refresh="subspace_iteration", refresh_iters=iters, **gl), phases),
-        "greedylore (fast refresh, shared probes)": (lore_jax.greedylore(
-            rank, refresh="subspace_iteration", refresh_iters=iters, probes="shared", **gl),
-            phases),
+        "greedylore (fast refresh)": (lore_jax.greedylore(rank, **fast), phases),
+        "greedylore (fast refresh, shared probes)": (
+            lore_jax.greedylore(rank, probes="shared", **fast), phases),
     }
     cm = common.compressors_module()
     if cm is not None:
@@ -159,10 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(r)
         shape = f" {hidden}" if task != "charlm" else ""
         print(f"  measured {task}{shape} batch {batch}", flush=True)
-    md = []
+    md, targets = [], []
     for r in results:
-        label = (f"{r['task']} {r['model']}" + (f" {tuple(r['hidden'])}" if r["model"] == "mlp"
-                                                else "") + f", {r['params']:,} params")
+        shape = f" {tuple(r['hidden'])}" if r["model"] == "mlp" else ""
+        label = f"{r['task']} {r['model']}{shape}, {r['params']:,} params"
         rows = []
         for name, ph in r["methods"].items():
             rows.append([name, ph.get("step", ph.get("compressed")) * 1e3,
@@ -176,13 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "overhead"], rows,
             note=f"median of {r['rounds']} interleaved rounds; amortized = ((tau-1) "
                  f"compressed + refresh) / tau"))
-    targets = []
-    for r in results:
         best = min(ph["overhead"] for name, ph in r["methods"].items() if "fast refresh" in name)
-        label = f"{r['task']} {tuple(r['hidden']) if r['model'] == 'mlp' else ''} " \
-                f"batch {r['batch']}".replace("  ", " ")
-        targets.append((f"{label}: GreedyLore fast-refresh amortized overhead "
-                        f"{100 * (best - 1):+.0f}% <= 10% of a dense step", best <= 1.10))
+        targets.append((f"{r['task']}{shape} batch {r['batch']}: GreedyLore fast-refresh "
+                        f"amortized overhead {100 * (best - 1):+.0f}% <= 10% of a dense step",
+                        best <= 1.10))
     md.append("\n".join(f"- {text}: {'MET' if ok else 'NOT MET'}" for text, ok in targets))
     print(md[-1])
     payload = {"args": vars(args), "results": results,

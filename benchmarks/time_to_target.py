@@ -61,15 +61,14 @@ COMPILER_OPTIONS = {"xla_disable_hlo_passes": "constant_folding"}
 def methods(rank: int, tau: int, warmup: int, fraction: float, seed: int
             ) -> dict[str, tuple[Any, dict[str, int]]]:
     """Name -> (mean transform, GreedyLore phases to time) for every method available."""
+    gl = dict(update_interval=tau, warmup_steps=warmup, axis_name=common.AXIS, key=seed,
+              refresh="subspace_iteration")
+    phases = {"refresh": warmup + tau, "compressed": warmup + 1}
     out: dict[str, Any] = {
         "dense": (common.dense_mean(), {}),
-        f"greedylore r={rank}": (lore_jax.greedylore(
-            rank, update_interval=tau, warmup_steps=warmup, axis_name=common.AXIS, key=seed,
-            refresh="subspace_iteration"), {"refresh": warmup + tau, "compressed": warmup + 1}),
-        f"greedylore r={rank} (shared probes)": (lore_jax.greedylore(
-            rank, update_interval=tau, warmup_steps=warmup, axis_name=common.AXIS, key=seed,
-            refresh="subspace_iteration", probes="shared"),
-            {"refresh": warmup + tau, "compressed": warmup + 1}),
+        f"greedylore r={rank}": (lore_jax.greedylore(rank, **gl), phases),
+        f"greedylore r={rank} (shared probes)": (
+            lore_jax.greedylore(rank, probes="shared", **gl), phases),
     }
     cm = common.compressors_module()
     if cm is None:
