@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lore_jax import collectives
+
 _WORD = 1 << 32
 
 
@@ -141,13 +143,20 @@ def communication(opt_state: Any) -> dict[str, int]:
       ``{"bits_sent": ..., "bits_dense": ...}``: the payload bits one device contributed to
       collectives so far, and the bits a dense all-reduce of the same gradients would have
       contributed. Their ratio is the compression rate.
+
+    Works on any container of the states: optax chains and wrappers, an
+    ``nnx.Optimizer``'s ``opt_state`` and the ``nnx.State`` of ``nnx.split``.
     """
-    from lore_jax.collectives import find_states
+    def counts_bits(node):
+        return {"bits_sent", "bits_dense"} <= set(collectives.field_names(node) or ())
+
+    def value(node, field):   # the array itself, or inside an nnx Variable
+        return jax.tree.leaves(collectives.get_field(node, field))[0]
 
     sent = dense = 0
-    for s in find_states(opt_state, lambda x: hasattr(x, "bits_sent") and hasattr(x, "_fields")):
-        sent += counter_value(s.bits_sent)
-        dense += counter_value(s.bits_dense)
+    for s in collectives.find_states(opt_state, counts_bits):
+        sent += counter_value(value(s, "bits_sent"))
+        dense += counter_value(value(s, "bits_dense"))
     return {"bits_sent": sent, "bits_dense": dense}
 
 

@@ -1,37 +1,28 @@
-"""Distributed plumbing: the data axis, means over it, and how lore_jax state is laid out.
+"""Distributed plumbing: the data axis, means over it, and what the gradients vary over.
 
 Every lore_jax transform runs *inside* ``jax.shard_map`` (or ``jax.pmap``) with a
 named data axis, sees its device's local gradients and returns the mean over the
-axis. Its state mixes two kinds of leaves:
+axis. Inside ``shard_map`` (with ``check_vma=True``, the default) JAX types every value
+with the mesh axes it *varies* over; :func:`varying_axes` reads that type, and
+:func:`check_local_gradients` uses it to refuse gradients that are already reduced
+over the data axis (the gradient with respect to replicated parameters is summed over
+the axis by the transpose of their implicit broadcast, so it would be sent densely
+before the compressor ever saw it, and averaged into ``N`` times the mean).
 
-* **per-device** leaves (error-feedback buffers), which differ between devices. They
-  carry a leading axis of length 1 inside the mapped function, so outside it the global
-  array has one row per device and is sharded ``P(axis_name)``;
-* **replicated** leaves (bases, step counters, keys, bit counters), identical on every
-  device and passed as ``P()``.
-
-A state class names its per-device fields in the class attribute ``PER_DEVICE_FIELDS``;
-:func:`state_specs` reads it from any optax state tree (chains, masks and wrappers
-included), so users never write the specs by hand.
+How the transforms' state is laid out on a mesh (``state_specs``, ``sharded_init``) is
+in :mod:`lore_jax.layout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 AxisName = Hashable | None
-
-
-def _is_lore_state(x: Any) -> bool:
-    return hasattr(type(x), "PER_DEVICE_FIELDS") and hasattr(x, "_fields")
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -57,6 +48,128 @@ def axis_size(axis_name: AxisName) -> int:
 def check_axis(axis_name: AxisName) -> int:
     """Validates ``axis_name`` at trace time; returns the axis size."""
     return axis_size(axis_name)
+
+
+def check_axis_name(axis_name: Any, transform: str) -> AxisName:
+    """Validates a transform's ``axis_name`` argument at construction (outside ``jit``)."""
+    try:
+        hash(axis_name)
+    except TypeError:
+        raise ValueError(
+            f"{transform}: axis_name must be the name of the data axis of the enclosing "
+            f"jax.shard_map / jax.pmap (e.g. 'data'), or None for one device; got "
+            f"{axis_name!r}."
+        ) from None
+    return axis_name
+
+
+# ------------------------------------------------------------------- varying axes
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The manual mesh axes a traced value varies over inside ``jax.shard_map``.
+
+    Empty outside ``shard_map``, under ``jax.pmap``, and under ``check_vma=False``
+    (where JAX does not track it).
+    """
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def tracks_varying(axis_name: Hashable) -> bool:
+    """Whether the enclosing ``shard_map`` types values by the axes they vary over.
+
+    True inside ``jax.shard_map(..., check_vma=True)`` (the default), where the device
+    index itself varies over the axis; False under ``jax.pmap`` and ``check_vma=False``.
+    """
+    return axis_name in varying_axes(jax.lax.axis_index(axis_name))
+
+
+def mesh_order(axes: frozenset | set, mesh_axes: Sequence[Hashable] | None = None) -> tuple:
+    """``axes`` as a tuple, in the mesh's axis order when it is known (else sorted by name)."""
+    if mesh_axes is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        mesh_axes = tuple(getattr(mesh, "axis_names", ()) or ())
+    known = [a for a in mesh_axes if a in axes]
+    return tuple(known) + tuple(sorted((a for a in axes if a not in known), key=str))
+
+
+def vary(x: jax.Array, axes: Sequence[Hashable]) -> jax.Array:
+    """``x`` marked as varying over ``axes`` (those it does not vary over already)."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def vary_like(tree: Any, ref: jax.Array, exclude: Hashable | None = None) -> Any:
+    """Every leaf of ``tree`` marked as varying over the axes ``ref`` varies over.
+
+    Used by ``init`` functions so that state that follows a model-sharded parameter is
+    typed as varying over the parameter's mesh axes from the start (``exclude``: the
+    data axis, over which the state's layout is decided by its type instead).
+    """
+    axes = mesh_order(varying_axes(ref) - {exclude})
+    return jax.tree.map(lambda x: vary(x, axes), tree) if axes else tree
+
+
+def match_varying(new: Any, like: Any) -> Any:
+    """Leaves of ``new`` marked as varying over every axis the matching leaf of ``like`` does.
+
+    For the branches of a ``lax.cond`` (or a scan carry): a per-device state field that one
+    branch computes from replicated values only comes out replicated, while the branch that
+    keeps the old state returns it varying; both must have the same type.
+    """
+    return jax.tree.map(lambda n, o: vary(n, mesh_order(varying_axes(o))), new, like)
+
+
+def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> None:
+    """Refuses, at trace time, gradients that cannot be this device's local gradients.
+
+    * ``axis_name`` set, inside ``shard_map`` with ``check_vma=True``: every leaf must
+      vary over ``axis_name``. A leaf that does not was already reduced over the axis
+      (``jax.grad`` with respect to replicated parameters returns the gradient summed
+      over it) or is identical on every device; compressing it would send the dense
+      all-reduce first and return ``N`` times the mean.
+    * ``axis_name=None`` inside ``shard_map``: no leaf may vary over a mesh axis, else
+      every device would apply its own, unaveraged gradient.
+
+    Under ``jax.pmap`` and ``check_vma=False`` JAX does not track what values vary over
+    (and ``jax.grad`` returns local gradients there), so nothing is checked.
+
+    Raises:
+      ValueError: naming the first offending leaf, what it varies over and the fix.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    if axis_name is None:
+        for path, leaf in leaves:
+            axes = varying_axes(leaf)
+            if axes:
+                raise ValueError(
+                    f"{transform} was built with axis_name=None (one device, no averaging), "
+                    f"but its gradient leaf {jax.tree_util.keystr(path)} varies over the mesh "
+                    f"axes {sorted(axes, key=str)} of the enclosing jax.shard_map, so every "
+                    f"device would apply its own unaveraged gradient. Pass the data axis, "
+                    f"e.g. axis_name={sorted(axes, key=str)[0]!r}."
+                )
+        return
+    axis_size(axis_name)
+    if not tracks_varying(axis_name):
+        return
+    for path, leaf in leaves:
+        if axis_name not in varying_axes(leaf):
+            raise ValueError(
+                f"{transform} got the gradient leaf {jax.tree_util.keystr(path)} (shape "
+                f"{np.shape(leaf)}) that does not vary over axis {axis_name!r}: it was already "
+                f"summed over {axis_name!r} or is identical on every device. Inside "
+                f"jax.shard_map, jax.grad with respect to replicated parameters returns the "
+                f"gradient summed over the axis (a dense all-reduce before compression, and "
+                f"an update N times the mean). Differentiate with respect to "
+                f"lore_jax.per_device(params, {axis_name!r}) (i.e. jax.lax.pcast(params, "
+                f"{axis_name!r}, to='varying')), or build the step with "
+                f"lore_jax.data_parallel(loss_fn, tx, mesh)."
+            )
 
 
 def pmean(tree: Any, axis_name: AxisName) -> Any:
@@ -89,90 +202,70 @@ def all_gather(tree: Any, axis_name: AxisName) -> Any:
     return jax.tree.map(gather, tree)
 
 
-def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
-    """PartitionSpecs for ``jax.shard_map`` of any optax state holding lore_jax states.
+# --------------------------------------------------------------- state containers
 
-    Per-device fields of lore_jax states (their class's ``PER_DEVICE_FIELDS``) get
-    ``P(axis_name)`` (their leading axis is the device axis); everything else, including
-    the base optimizer's moments, gets ``P()``.
 
-    Args:
-      opt_state: an optax state tree, concrete or abstract (``jax.eval_shape(tx.init,
-        params)``).
-      axis_name: the mesh axis the data is sharded over.
+def field_names(node: Any) -> tuple | None:
+    """The field names of a state node: a NamedTuple's fields or a mapping's keys.
 
-    Returns:
-      A pytree of ``PartitionSpec`` with the structure of ``opt_state``.
-
-    Example:
-      >>> import jax, optax, lore_jax
-      >>> tx = optax.chain(lore_jax.greedylore(4, axis_name="data"), optax.adam(1e-3))
-      >>> abstract = jax.eval_shape(tx.init, {"w": jax.numpy.zeros((64, 32))})
-      >>> specs = lore_jax.state_specs(abstract, "data")
+    Mappings cover the containers that keep the names but lose the type, such as
+    ``flax.nnx.State`` (an ``nnx.Optimizer``'s state after ``nnx.split``) and the nested
+    dicts a checkpoint restores without a target. ``None`` for anything else.
     """
-
-    def spec(node):
-        if _is_lore_state(node):
-            per_device = type(node).PER_DEVICE_FIELDS
-            return type(node)(**{
-                f: jax.tree.map(lambda _, f=f: P(axis_name) if f in per_device else P(),
-                                getattr(node, f))
-                for f in node._fields
-            })
-        return P()
-
-    return jax.tree.map(spec, opt_state, is_leaf=_is_lore_state)
+    if hasattr(node, "_fields") and isinstance(node, tuple):
+        return tuple(node._fields)
+    if hasattr(node, "keys") and hasattr(node, "__getitem__") and not hasattr(node, "shape"):
+        try:
+            return tuple(node.keys())
+        except TypeError:
+            return None
+    return None
 
 
-def sharded_init(
-    tx: optax.GradientTransformation,
-    params: Any,
-    mesh: jax.sharding.Mesh,
-    axis_name: Hashable = "data",
-) -> Any:
-    """Initialises ``tx`` inside ``shard_map`` so each device owns its per-device buffers.
+def path_keys(path: Sequence[Any]) -> tuple:
+    """A ``jax.tree_util`` key path as plain names and indices, whatever the containers.
 
-    Args:
-      tx: any optax transformation (chains with lore_jax transforms included).
-      params: the model parameters (replicated on every device).
-      mesh: the device mesh; ``axis_name`` must be one of its axes.
-      axis_name: the data axis.
-
-    Returns:
-      The optimizer state as global arrays: per-device leaves of shape ``(N, ...)``
-      sharded ``P(axis_name)``, the rest replicated. Pass :func:`state_specs` of it as
-      the state's ``in_specs`` / ``out_specs`` of the training step.
+    ``GetAttrKey('error')``, ``DictKey('error')`` and ``SequenceKey(0)`` become ``'error'``
+    and ``0``, so a NamedTuple state and its ``nnx.State`` copy (or a dict of the same
+    names) give the same keys. The trailing ``.value`` of an ``nnx.Variable`` is dropped.
     """
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not an axis of the mesh (axes: {mesh.axis_names}); "
-            f"pass one of them."
-        )
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
-    init = jax.shard_map(tx.init, mesh=mesh, in_specs=(P(),), out_specs=specs)
-    return jax.jit(init)(params)
+    keys = []
+    for k in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                keys.append(getattr(k, attr))
+                break
+        else:
+            keys.append(k)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+        keys.pop()
+    return tuple(keys)
 
 
-def shard_like(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
-    """``device_put`` each leaf of ``tree`` with ``NamedSharding(mesh, spec)``."""
-    return jax.tree.map(
-        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs,
-        is_leaf=lambda x: isinstance(x, P),
-    )
+def get_field(node: Any, name: str) -> Any:
+    """Field ``name`` of a NamedTuple or mapping state node."""
+    return node[name] if not hasattr(node, "_fields") else getattr(node, name)
 
 
-def find_states(opt_state: Any, predicate: Callable[[Any], bool] | None = None) -> list[Any]:
-    """Every lore_jax state inside an optax state tree (in tree order)."""
-    pred = predicate or _is_lore_state
+def is_state(node: Any) -> bool:
+    """Whether ``node`` is a typed lore_jax state (its class declares ``PER_DEVICE_FIELDS``)."""
+    return hasattr(type(node), "PER_DEVICE_FIELDS") and hasattr(node, "_fields")
+
+
+def find_states(tree: Any, predicate: Callable[[Any], bool] | None = None) -> list[Any]:
+    """Every node of ``tree`` for which ``predicate`` holds (default: :func:`is_state`).
+
+    Outermost first, in tree order; the search does not descend into a matching node.
+    """
+    predicate = predicate or is_state
     found: list[Any] = []
 
     def visit(node):
-        if pred(node):
+        if predicate(node):
             found.append(node)
         return node
 
-    jax.tree.map(visit, opt_state, is_leaf=pred)
+    jax.tree.map(visit, tree, is_leaf=predicate)
     return found
 
 

@@ -16,11 +16,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lore_jax import accounting, collectives
+from lore_jax import accounting, collectives, subspace
 from lore_jax import error_feedback as ef
-from lore_jax.compressors.base import Compressor, work_dtype
+from lore_jax.compressors.base import DENSE, Compressor, work_dtype
 
 
 class CompressedMeanState(NamedTuple):
@@ -83,17 +84,113 @@ def _communicate(
     return c_local, c_bar, cstate, nbits
 
 
-def _all_finite(tree: Any) -> jax.Array:
+class _Leaf(NamedTuple):
+    """How one leaf is sent: by which compressor, as which matrices (``view``)."""
+
+    compressor: Compressor
+    view: subspace.MatrixView | None   # None: the leaf as it is
+
+
+def _leaf_plans(compressor: Compressor, tree: Any, weight_dimension_numbers: Any) -> list[_Leaf]:
+    """Matrix compressors get each leaf's matrices (non-matrices go dense); others the leaf."""
+    if not compressor.matrix:
+        return [_Leaf(compressor, None) for _ in jax.tree.leaves(tree)]
+    return [_Leaf(DENSE if v is None else compressor, v)
+            for v in subspace.resolve_views(tree, weight_dimension_numbers)]
+
+
+def _matrix_keys(key: jax.Array, view: subspace.MatrixView | None) -> list[jax.Array]:
+    """One key per matrix of a leaf (the leaf's own key when it holds one)."""
+    if view is None or view.batch == 1:
+        return [key]
+    return [jax.random.fold_in(key, j) for j in range(view.batch)]
+
+
+def _pieces(x: jax.Array, view: subspace.MatrixView | None) -> list[jax.Array]:
+    """The arrays a leaf is compressed as: itself, or its matrices ``(rows, cols)``."""
+    if view is None:
+        return [x]
+    return list(subspace.arrange(x, view))
+
+
+def _unpieces(parts: list[jax.Array], view: subspace.MatrixView | None) -> jax.Array:
+    return parts[0] if view is None else subspace.unarrange(jnp.stack(parts), view)
+
+
+def _init_leaf(leaf: _Leaf, key: jax.Array, x: Any) -> Any:
+    """The compressor state of one leaf: one per matrix (a tuple when it holds several)."""
+    states = [leaf.compressor.init(k, p.shape, p.dtype)
+              for k, p in zip(_matrix_keys(key, leaf.view), _pieces(x, leaf.view), strict=True)]
+    state = states[0] if len(states) == 1 else tuple(states)
+    return collectives.vary_like(state, x)
+
+
+def _send_leaf(leaf: _Leaf, key: jax.Array, x: jax.Array, cstate: Any,
+               axis_name: collectives.AxisName) -> tuple[jax.Array, jax.Array, Any, list]:
+    """Compress -> collective -> decompress for every matrix (or the whole) of one leaf.
+
+    Returns ``(c_local, c_bar, cstate, nbits)`` for the leaf; ``nbits`` lists each piece's.
+    """
+    pieces = _pieces(x, leaf.view)
+    states = [cstate] if len(pieces) == 1 else list(cstate)
+    results = [_communicate(leaf.compressor, k, p, s, axis_name) for k, p, s in
+               zip(_matrix_keys(key, leaf.view), pieces, states, strict=True)]
+    c_local, c_bar, new_states, nbits = (list(r) for r in zip(*results, strict=True))
+    new_state = new_states[0] if len(pieces) == 1 else tuple(new_states)
+    return (_unpieces(c_local, leaf.view), _unpieces(c_bar, leaf.view), new_state, nbits)
+
+
+def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any) -> None:
+    """Raises a ValueError naming the gradient leaves the state was not initialised for.
+
+    Compares, leaf by leaf, the per-parameter parts of the state (error memory, tracker,
+    compressor state) with those ``init`` would give for parameters shaped like
+    ``updates`` (abstractly: nothing is computed).
+    """
+    want = jax.eval_shape(init_fn, jax.tree.map(
+        lambda g: jax.ShapeDtypeStruct(np.shape(g), jnp.result_type(g)), updates))
+    for field in ("error", "tracker", "compressor_state"):
+        expected = dict(_shapes(getattr(want, field)))
+        present = dict(_shapes(getattr(state, field)))
+        missing = [k for k in expected if k not in present]
+        extra = [k for k in present if k not in expected]
+        wrong = [k for k in expected if k in present and expected[k] != present[k]]
+        if not (missing or extra or wrong):
+            continue
+        problems = [f"{k} has shape {present[k]} in the state, the gradient needs "
+                    f"{expected[k]}" for k in wrong[:3]]
+        if missing:
+            problems.append(f"the state has no {', '.join(missing[:4])}")
+        if extra:
+            problems.append(f"the gradients have no leaf for the state's {', '.join(extra[:4])}")
+        raise ValueError(
+            f"compressed_mean: the gradients do not match the parameters the state was "
+            f"initialised with ({field}: {'; '.join(problems)}). Initialise the optimizer "
+            f"with parameters of the same structure and shapes as the gradients."
+        )
+
+
+def _shapes(tree: Any) -> list[tuple[str, tuple]]:
+    return [(jax.tree_util.keystr(p), tuple(np.shape(x)))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _all_finite(tree: Any, model_axes: tuple = ()) -> jax.Array:
+    """Whether every leaf is finite; agreed over ``model_axes`` (the shards of a leaf)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    finite = jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    if not model_axes:
+        return finite
+    return jax.lax.pmin(finite.astype(jnp.int32), model_axes).astype(bool)
 
 
 def compressed_mean(
     compressor: Compressor,
     *,
-    axis_name: collectives.AxisName = None,
+    axis_name: collectives.AxisName = "data",
     error_feedback: ef.ErrorFeedback = "ef14",
     key: Any = None,
+    weight_dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The mean over devices of compressed gradients, with error feedback.
 
@@ -120,9 +217,23 @@ def compressed_mean(
     Non-finite steps: if the mean ``c_bar`` has a non-finite entry (every device sees the
     same), the error memory, the EF21 tracker, the compressor state and the step count
     keep their old values, ``nonfinite_steps`` is incremented (bits are still counted, as
-    they were sent) and the non-finite output is returned, so that
-    ``optax.apply_if_finite`` around the chain skips the parameter update. A device whose
-    new memory alone is non-finite (a NaN that top-k did not select) keeps its old memory.
+    they were sent) and the non-finite output is returned, so that the base optimizer
+    wrapped in ``optax.apply_if_finite`` skips the parameter update: put it *after* the
+    mean, ``optax.chain(compressed_mean(...), optax.apply_if_finite(optax.adam(lr), k))``,
+    where it sees the same (reduced) values on every device. Wrapped *around* the chain
+    it tests each device's local gradient, so the device with the NaN skips the
+    collectives the others enter (a deadlock under ``jax.pmap``; under ``shard_map`` the
+    step does not trace). A device whose new memory alone is non-finite (a NaN that
+    top-k did not select) keeps its old memory.
+
+    Matrices: a matrix compressor (``compressor.matrix``: PowerSGD, random projection,
+    greedy SVD) is given every matrix of a leaf on its own, as ``weight_dimension_numbers``
+    cut it (optax's convention; see :func:`lore_jax.greedylore`), with its own state, and
+    vectors and biases are sent dense. Other compressors see whole leaves.
+
+    Model-sharded parameters: each device compresses the shard it holds and only
+    ``axis_name`` is communicated; compressor states and trackers of a shard vary over
+    the mesh axes the shard does, and whether a step was finite is agreed over them.
 
     Bits: ``bits_sent`` adds each leaf's ``payload_bits`` (the buffers this device
     all-reduces or all-gathers, inner rounds included); for a data-dependent length
@@ -131,11 +242,13 @@ def compressed_mean(
 
     Args:
       compressor: a :class:`~lore_jax.compressors.Compressor`.
-      axis_name: the data axis of the enclosing ``jax.shard_map`` / ``jax.pmap``; ``None``
-        (default) for one device (no collectives).
+      axis_name: the data axis of the enclosing ``jax.shard_map`` / ``jax.pmap`` (default
+        ``"data"``); ``None`` for one device (no collectives).
       error_feedback: ``"ef14"`` (default), ``"ef21"`` or ``None``.
       key: int seed, ``jax.random.key`` or uint32[2] key for the compressors' randomness
         (default: seed 0). Must be the same on every device.
+      weight_dimension_numbers: which axes of each leaf form the matrix, for matrix
+        compressors (as in :func:`lore_jax.greedylore`); default: the Flax conventions.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(grads, state, params=None)``
@@ -146,7 +259,8 @@ def compressed_mean(
     Raises:
       TypeError: a bad ``compressor``, or (at trace time) a non-float gradient leaf.
       ValueError: an unknown ``error_feedback`` or a bad ``key``; at trace time, an
-        ``axis_name`` that is not bound.
+        ``axis_name`` that is not bound, gradients already summed over it, or gradients
+        that do not match the parameters the state was initialised with.
 
     References:
       Khirirat, Feyzmahdavian, Johansson, "Distributed learning with compressed gradients",
@@ -158,7 +272,8 @@ def compressed_mean(
       >>> import jax, jax.numpy as jnp, optax
       >>> from lore_jax import compressors
       >>> from lore_jax.compressed_mean import compressed_mean
-      >>> tx = optax.chain(compressed_mean(compressors.top_k(2)), optax.sgd(0.1))
+      >>> tx = optax.chain(compressed_mean(compressors.top_k(2), axis_name=None),
+      ...                  optax.sgd(0.1))
       >>> params = {"w": jnp.ones(8)}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.arange(8.0)}, state)
@@ -171,17 +286,23 @@ def compressed_mean(
             f"compressors.top_k(k)), got {type(compressor).__name__}."
         )
     mode = ef.validate(error_feedback)
+    collectives.check_axis_name(axis_name, "compressed_mean")
     base_key = collectives.as_key(key)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        zeros = [jnp.zeros(x.shape, work_dtype(x.dtype)) for x in leaves]
-        error = treedef.unflatten([z[None] for z in zeros]) if ef.has_local(mode) else None
-        tracker = treedef.unflatten(zeros) if ef.has_global(mode) else None
+        plans = _leaf_plans(compressor, params, weight_dimension_numbers)
+
+        def zeros(x, lead=()):
+            return collectives.vary_like(jnp.zeros(lead + x.shape, work_dtype(x.dtype)), x)
+
+        error = treedef.unflatten([zeros(x, (1,)) for x in leaves]) \
+            if ef.has_local(mode) else None
+        tracker = treedef.unflatten([zeros(x) for x in leaves]) if ef.has_global(mode) else None
         init_key = jax.random.fold_in(base_key, 0)
         cstate = treedef.unflatten([
-            compressor.init(jax.random.fold_in(init_key, i), x.shape, x.dtype)
-            for i, x in enumerate(leaves)
+            _init_leaf(leaf, jax.random.fold_in(init_key, i), x)
+            for i, (leaf, x) in enumerate(zip(plans, leaves, strict=True))
         ])
         return CompressedMeanState(
             count=jnp.zeros([], jnp.int32), key=base_key, error=error, tracker=tracker,
@@ -192,8 +313,10 @@ def compressed_mean(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         collectives.check_floating(updates, "compressed_mean")
-        collectives.axis_size(axis_name)  # a clear error when the axis is not bound
+        collectives.check_local_gradients(updates, axis_name, "compressed_mean")
+        _check_state_fits(updates, state, init_fn)
         leaves, treedef = jax.tree.flatten(updates)
+        plans = _leaf_plans(compressor, updates, weight_dimension_numbers)
         absent = [None] * len(leaves)
         errors = treedef.flatten_up_to(state.error) if ef.has_local(mode) else absent
         trackers = treedef.flatten_up_to(state.tracker) if ef.has_global(mode) else absent
@@ -206,25 +329,26 @@ def compressed_mean(
 
         outs, new_errors, new_trackers, new_cstates = [], [], [], []
         bits_static, bits_traced = 0, []
-        for i, (g, e, h, cs) in enumerate(zip(leaves, errors, trackers, cstates, strict=True)):
+        for i, (leaf, g, e, h, cs) in enumerate(
+                zip(plans, leaves, errors, trackers, cstates, strict=True)):
             e = None if e is None else e[0]
             x = ef.compress_input(mode, g, e)
-            leaf_key = jax.random.fold_in(shared_key if compressor.linear else local_key, i)
+            leaf_key = jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
             # Compressed in the gradient's dtype; the memory absorbs the rounding.
-            c_local, c_bar, cs, nbits = _communicate(
-                compressor, leaf_key, x.astype(g.dtype), cs, axis_name)
+            c_local, c_bar, cs, nbits = _send_leaf(leaf, leaf_key, x.astype(g.dtype), cs,
+                                                   axis_name)
             e = ef.local_update(mode, e, x, c_local)
             out, h = ef.output(mode, h, c_bar)
             outs.append(out.astype(g.dtype))
             new_errors.append(None if e is None else e[None].astype(errors[i].dtype))
             new_trackers.append(h)
             new_cstates.append(cs)
-            if isinstance(nbits, int):
-                bits_static += nbits
-            else:
-                bits_traced.append(nbits)
+            bits_static += sum(b for b in nbits if isinstance(b, int))
+            bits_traced += [b for b in nbits if not isinstance(b, int)]
 
-        finite = _all_finite(outs)
+        model_axes = collectives.mesh_order(
+            set().union(*(collectives.varying_axes(g) for g in leaves)) - {axis_name})
+        finite = _all_finite(outs, model_axes)
 
         def keep_if_finite(new, old, ok=finite):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -232,7 +356,8 @@ def compressed_mean(
         error = state.error
         if ef.has_local(mode):
             new_error = treedef.unflatten(new_errors)
-            error = keep_if_finite(new_error, state.error, finite & _all_finite(new_error))
+            error = keep_if_finite(new_error, state.error,
+                                   finite & _all_finite(new_error, model_axes))
         tracker = state.tracker
         if ef.has_global(mode):
             tracker = keep_if_finite(treedef.unflatten(new_trackers), state.tracker)

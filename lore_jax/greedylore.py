@@ -50,10 +50,17 @@ Design choices where the spec infers or leaves room (each is tested):
   after an exact refresh on the same gradient) and close to it while the basis is fresh.
   Probes of step ``t`` and group ``g``: ``normal(fold_in(fold_in(key, t), g),
   (num_probes, k, b))``. Payload and bits are unchanged.
-* **Orientation and reshapes.** Leaves with ``ndim > 2`` are flattened to
-  ``(prod(shape[:-1]), shape[-1])``, Flax's ``(..., in, out)`` kernel layout; the
-  projection acts along the smaller side, so this equals the spec's ``(out, rest)`` view
-  of a PyTorch kernel.
+* **Orientation and reshapes.** ``weight_dimension_numbers`` (optax's convention, as in
+  GaLore and Muon) says which axes of a leaf are the matrix's rows (reduction axes) and
+  columns (output axes); the other axes are batch axes, each slice its own matrix. The
+  default (:func:`lore_jax.subspace.default_dimension_numbers`) is right for Flax's
+  ``Linear``, ``Conv``, ``Embed`` and ``MultiHeadAttention`` parameters: 2-D leaves as
+  they are, the attention ``query`` / ``key`` / ``value`` kernels ``(in, heads,
+  head_dim)`` as ``in x (heads * head_dim)``, other N-D kernels as ``(prod(shape[:-1]),
+  shape[-1])`` (Flax's ``(..., in, out)`` layout, which equals the spec's ``(out, rest)``
+  view of a PyTorch kernel, since the projection acts along the smaller side); vectors
+  and leaves named ``bias`` or ``scale`` (per-head biases included) stay dense.
+  :func:`lore_jax.flax_dimension_numbers` reads exact ones from an ``nnx`` model.
 * **Size gate.** A matrix is compressed iff ``min(r, a) * b * min_compression_rate <
   a * b`` (spec section 1.4), so ``min_compression_rate=0`` compresses every matrix.
 * **EF21.** ``error_feedback="ef21"`` keeps per-device trackers ``e_i`` and their
@@ -73,6 +80,13 @@ Design choices where the spec infers or leaves room (each is tested):
   iteration warm-started from the previous basis, completed to a full basis (see
   :func:`lore_jax.subspace.subspace_iteration_basis`). The first refresh is always an
   exact SVD.
+* **Model-sharded parameters.** Inside a ``shard_map`` over a mesh with other axes than
+  ``axis_name`` (tensor parallelism, FSDP on its own axis), each device compresses the
+  shard it holds: matrices are grouped by their shard's shape *and* the mesh axes they
+  vary over, the bases of a model-sharded group vary over those axes too (one basis per
+  shard), and only ``axis_name`` is communicated. Every device agrees on whether a step
+  was finite (one boolean reduction over the model axes), so the step count stays
+  replicated. :func:`lore_jax.sharded_init` lays this state out.
 * **Dtypes.** Bases, error buffers, scores and payloads are float32 whatever the
   gradient dtype (spec pitfall 9); the output has the gradient's dtype. Dense leaves
   are all-reduced in their own dtype.
@@ -133,7 +147,13 @@ class _Group(NamedTuple):
     a: int
     b: int
     rank: int
-    leaves: tuple[int, ...]  # positions in the flattened update tree
+    leaves: tuple[int, ...]   # positions in the flattened update tree
+    counts: tuple[int, ...]   # matrices each of them holds (the batch of its view)
+    axes: tuple               # mesh axes (other than the data axis) its shards vary over
+
+    @property
+    def k(self) -> int:
+        return sum(self.counts)
 
 
 class _Plan(NamedTuple):
@@ -149,26 +169,28 @@ REFRESH_METHODS: tuple[str, ...] = get_args(Refresh)
 PROBE_KINDS: tuple[str, ...] = get_args(Probes)
 
 
-def _make_plan(leaves: list[Any], dense_flags: list[bool], rank: int, rate: float) -> _Plan:
-    views, group_of, keys, members = [], [], {}, []
-    for i, (leaf, is_dense) in enumerate(zip(leaves, dense_flags, strict=True)):
-        view = subspace.matrix_view(np.shape(leaf))
-        views.append(view)
-        if view is None or is_dense:
+def _make_plan(views: list[subspace.MatrixView | None], dense_flags: list[bool],
+               leaf_axes: list[tuple], rank: int, rate: float) -> _Plan:
+    """Groups the compressible leaves by oriented shape ``(a, b)`` and sharding axes.
+
+    A leaf is compressed iff it has a matrix view, is not masked dense and passes the
+    size gate ``min(r, a) * b * rate < a * b``.
+    """
+    group_of, keys, members = [], {}, []
+    for i, (view, is_dense, axes) in enumerate(zip(views, dense_flags, leaf_axes, strict=True)):
+        if view is None or is_dense or not min(rank, view.a) * view.b * rate < view.a * view.b:
             group_of.append(-1)
             continue
-        r = min(rank, view.a)
-        if not r * view.b * rate < view.a * view.b:
-            group_of.append(-1)
-            continue
-        gkey = (view.a, view.b)
+        gkey = (view.a, view.b, axes)
         if gkey not in keys:
             keys[gkey] = len(members)
             members.append([])
         members[keys[gkey]].append(i)
         group_of.append(keys[gkey])
     groups = tuple(
-        _Group(a, b, min(rank, a), tuple(members[g])) for (a, b), g in keys.items()
+        _Group(a, b, min(rank, a), tuple(members[g]),
+               tuple(views[i].batch for i in members[g]), axes)
+        for (a, b, axes), g in keys.items()
     )
     return _Plan(tuple(views), tuple(group_of), groups)
 
@@ -188,6 +210,46 @@ def _dense_flags(dense: Any, tree: Any) -> list[bool]:
             f"does not match: {e}"
         ) from e
     return flags
+
+
+def _check_state_fits(plan: _Plan, state: GreedyLoreState, updates: Any) -> None:
+    """Raises a ValueError naming the gradient leaves whose matrices the state does not hold.
+
+    The state records, per group, the stacked shapes init saw: bases ``(k, a, a)`` and
+    error buffers ``(1, k, a, b)``.
+    """
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    buffers = state.error or state.tracker   # (1, k, a, b) / (k, a, b); none without EF
+    saw = [(u.shape[0], u.shape[-1], buffers[i].shape[-1] if buffers else None)
+           for i, u in enumerate(state.basis)]
+    want = [(g.k, g.a, g.b) for g in plan.groups]
+    if [w[:2] for w in want] == [s_[:2] for s_ in saw] and all(
+            s_[2] is None or s_[2] == w[2] for w, s_ in zip(want, saw, strict=True)):
+        return
+
+    def describe(g):
+        names = ", ".join(f"{paths[i]} ({c} matrix{'es' if c > 1 else ''})"
+                          for i, c in zip(g.leaves, g.counts, strict=True))
+        return f"{g.k} of {g.a}x{g.b}: {names}"
+
+    got = "; ".join(describe(g) for g in plan.groups) or "none"
+    init = "; ".join(f"{k} of {a}x{b if b is not None else '?'}" for k, a, b in saw) or "none"
+    raise ValueError(
+        f"greedylore: the gradients do not match the parameters the state was initialised "
+        f"with. Compressed matrix groups (count of a x b, oriented) in the gradients: "
+        f"{got}. In the state (what init saw): {init}. Initialise the optimizer with "
+        f"parameters of the same structure and shapes as the gradients (the same tree, "
+        f"each leaf with its parameter's shape; on model-sharded parameters, init inside "
+        f"the mesh with lore_jax.sharded_init)."
+    )
+
+
+def _agree_finite(finite: jax.Array, plan: _Plan) -> jax.Array:
+    """``finite`` on every shard: one boolean reduction over the model axes, if any."""
+    axes = collectives.mesh_order(set().union(*(g.axes for g in plan.groups)))
+    if not axes:
+        return finite
+    return jax.lax.pmin(finite.astype(jnp.int32), axes).astype(bool)
 
 
 def _exact_refresh(h: jax.Array, u_prev: jax.Array) -> jax.Array:
@@ -219,8 +281,8 @@ def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, i
         for x, g in zip(leaves, plan.group_of, strict=True)
         if g < 0
     )
-    dense_groups = sum(len(g.leaves) * g.a * g.b * 32 for g in plan.groups)
-    comp_groups = sum(len(g.leaves) * (num_probes * g.a + g.rank * g.b) * 32 for g in plan.groups)
+    dense_groups = sum(g.k * g.a * g.b * 32 for g in plan.groups)
+    comp_groups = sum(g.k * (num_probes * g.a + g.rank * g.b) * 32 for g in plan.groups)
     baseline = sum(accounting.bits_of(np.shape(x), x.dtype) for x in leaves)
     return dense_leaf_bits + dense_groups, dense_leaf_bits + comp_groups, baseline
 
@@ -230,10 +292,11 @@ def greedylore(
     *,
     update_interval: int = 200,
     warmup_steps: int = 0,
-    axis_name: Hashable | None = None,
+    axis_name: Hashable | None = "data",
     error_feedback: ef.ErrorFeedback = "ef14",
     min_compression_rate: float = 2.0,
     dense: Any | Callable[[Any], Any] | None = None,
+    weight_dimension_numbers: Any = None,
     key: Any = None,
     num_probes: int = 1,
     probes: Probes = "independent",
@@ -246,13 +309,19 @@ def greedylore(
       rank: ``r >= 1``, directions kept per matrix (clipped to ``a = min(m, n)``).
       update_interval: ``tau >= 1``, steps between dense basis refreshes.
       warmup_steps: ``t0 >= 0`` dense steps before compression starts.
-      axis_name: the data axis of the enclosing ``shard_map`` / ``pmap``; ``None`` runs on
-        one device (N = 1) with no collectives.
+      axis_name: the data axis of the enclosing ``shard_map`` / ``pmap`` (default
+        ``"data"``); ``None`` runs on one device (N = 1) with no collectives.
       error_feedback: ``"ef14"`` (default, the paper's), ``"ef21"`` or ``None``.
       min_compression_rate: size gate; a matrix is compressed iff
         ``min(r, a) * b * rate < a * b``, otherwise it is all-reduced densely.
       dense: optax-style mask, a pytree of bools like the parameters (or a callable
         ``params -> mask``); ``True`` keeps a leaf dense (embeddings, output heads).
+      weight_dimension_numbers: which axes of each leaf form the matrix, optax's
+        convention (:class:`lore_jax.DimensionNumbers`; optax's ``GaLoreDimensionNumbers``
+        and ``MuonDimensionNumbers`` work too): one for every leaf of 2 or more
+        dimensions, a pytree of them like the parameters (``None`` keeps a leaf dense),
+        or a callable ``params -> pytree``. Default: the Flax conventions of
+        :func:`lore_jax.subspace.default_dimension_numbers`.
       key: int seed or ``jax.random.PRNGKey`` for the shared probes (default seed 0).
       num_probes: Gaussian probes per basis direction (1 in the paper).
       probes: ``"independent"`` (the paper's: one probe ``v_j ~ N(0, I_b)`` per basis
@@ -271,11 +340,14 @@ def greedylore(
 
     Raises:
       ValueError / TypeError naming the parameter, at construction for bad arguments and
-      at trace time for an unbound ``axis_name`` or non-float gradients.
+      at trace time for an unbound ``axis_name``, gradients that are not this device's
+      own (already summed over the axis), non-float gradients, or gradients that do not
+      match the parameters the state was initialised with.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lore_jax
-      >>> tx = optax.chain(lore_jax.greedylore(2, update_interval=10), optax.sgd(0.1))
+      >>> tx = optax.chain(lore_jax.greedylore(2, update_interval=10, axis_name=None),
+      ...                  optax.sgd(0.1))
       >>> params = {"w": jnp.ones((8, 16)), "b": jnp.zeros(16)}
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -309,23 +381,31 @@ def greedylore(
         )
     if not isinstance(refresh_iters, (int, np.integer)) or refresh_iters < 1:
         raise ValueError(f"refresh_iters must be an integer >= 1, got {refresh_iters!r}.")
+    collectives.check_axis_name(axis_name, "greedylore")
     base_key = collectives.as_key(key)
     rank, tau, t0 = int(rank), int(update_interval), int(warmup_steps)
 
     def plan_for(tree):
         leaves = jax.tree.leaves(tree)
-        return _make_plan(leaves, _dense_flags(dense, tree), rank, float(min_compression_rate))
+        axes = [collectives.mesh_order(collectives.varying_axes(x) - {axis_name})
+                for x in leaves]
+        return _make_plan(subspace.resolve_views(tree, weight_dimension_numbers),
+                          _dense_flags(dense, tree), axes, rank, float(min_compression_rate))
 
     def init_fn(params):
         plan = plan_for(params)
+        leaves = jax.tree.leaves(params)
         basis, error, tracker = [], [], []
         for g in plan.groups:
-            k = len(g.leaves)
-            basis.append(jnp.broadcast_to(jnp.eye(g.a, dtype=jnp.float32), (k, g.a, g.a)))
+            shard = leaves[g.leaves[0]]   # its state varies over the mesh axes it does
+            eye = jnp.broadcast_to(jnp.eye(g.a, dtype=jnp.float32), (g.k, g.a, g.a))
+            basis.append(collectives.vary_like(eye, shard, axis_name))
             if ef.has_local(mode):
-                error.append(jnp.zeros((1, k, g.a, g.b), jnp.float32))
+                error.append(collectives.vary_like(
+                    jnp.zeros((1, g.k, g.a, g.b), jnp.float32), shard, axis_name))
             if ef.has_global(mode):
-                tracker.append(jnp.zeros((k, g.a, g.b), jnp.float32))
+                tracker.append(collectives.vary_like(
+                    jnp.zeros((g.k, g.a, g.b), jnp.float32), shard, axis_name))
         return GreedyLoreState(
             count=jnp.zeros([], jnp.int32),
             key=base_key,
@@ -341,14 +421,9 @@ def greedylore(
         del params, extra_args
         leaves, treedef = jax.tree.flatten(updates)
         collectives.check_floating(updates, "greedylore")
-        n = collectives.check_axis(axis_name)
+        collectives.check_local_gradients(updates, axis_name, "greedylore")
         plan = plan_for(updates)
-        if len(plan.groups) != len(state.basis):
-            raise ValueError(
-                f"the gradient tree has {len(plan.groups)} groups of compressible matrices "
-                f"but the state was initialised for {len(state.basis)}; initialise the "
-                f"optimizer with parameters of the same structure as the gradients."
-            )
+        _check_state_fits(plan, state, updates)
 
         # Dense leaves: one mean all-reduce every step.
         dense_idx = [i for i, g in enumerate(plan.group_of) if g < 0]
@@ -356,7 +431,7 @@ def greedylore(
 
         # Compressible leaves: oriented, float32, stacked per group: (k, a, b).
         grads = [
-            jnp.stack([subspace.orient(leaves[i], plan.views[i]) for i in g.leaves])
+            jnp.concatenate([subspace.to_matrices(leaves[i], plan.views[i]) for i in g.leaves])
             for g in plan.groups
         ]
         errors = [e[0] for e in state.error] if ef.has_local(mode) else [None] * len(grads)
@@ -435,9 +510,11 @@ def greedylore(
         for i, x in zip(dense_idx, dense_out, strict=True):
             out_leaves[i] = x
         for g, out in zip(plan.groups, outs, strict=True):
-            for j, i in enumerate(g.leaves):
-                out_leaves[i] = subspace.unorient(out[j], plan.views[i], leaves[i].dtype)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves]))
+            parts = jnp.split(out, np.cumsum(g.counts)[:-1]) if len(g.counts) > 1 else [out]
+            for i, m in zip(g.leaves, parts, strict=True):
+                out_leaves[i] = subspace.from_matrices(m, plan.views[i], leaves[i].dtype)
+        finite = _agree_finite(
+            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves])), plan)
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -456,7 +533,6 @@ def greedylore(
             bits_dense=accounting.add_bits(state.bits_dense, baseline_bits),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
-        del n
         return jax.tree.unflatten(treedef, out_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -132,7 +132,7 @@ def stale(
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`StaleState`; the buffer
       and delay are per-device fields (leading axis 1), see
-      :func:`lore_jax.collectives.state_specs`.
+      :func:`lore_jax.state_specs`.
 
     Raises:
       TypeError / ValueError naming ``max_delay``, ``schedule`` or ``key`` when invalid.
@@ -156,8 +156,8 @@ def stale(
     size = tau + 1
 
     def init_fn(params):
-        buffer = jax.tree.map(
-            lambda p: jnp.zeros((1, size) + jnp.shape(p), jnp.asarray(p).dtype), params)
+        buffer = jax.tree.map(lambda p: collectives.vary_like(
+            jnp.zeros((1, size) + jnp.shape(p), jnp.asarray(p).dtype), p), params)
         return StaleState(count=jnp.zeros([], jnp.int32), buffer=buffer,
                           delay=jnp.zeros((1,), jnp.int32), key=base_key)
 
@@ -239,8 +239,8 @@ def reuse_last(
     tau, schedule, base_key = _check_arguments(max_delay, schedule, key)
 
     def init_fn(params):
-        message = jax.tree.map(
-            lambda p: jnp.zeros((1,) + jnp.shape(p), jnp.asarray(p).dtype), params)
+        message = jax.tree.map(lambda p: collectives.vary_like(
+            jnp.zeros((1,) + jnp.shape(p), jnp.asarray(p).dtype), p), params)
         zero = jnp.zeros((1,), jnp.int32)
         return ReuseLastState(count=jnp.zeros([], jnp.int32), message=message, delay=zero,
                               deadline=zero, key=base_key)

@@ -35,6 +35,11 @@ A :class:`Compressor` is a bundle of pure functions acting on one gradient leaf 
 * ``init(key, shape, dtype) -> state`` and ``next_state(state, mean_payload, ctx)``: the
   replicated compressor state (PowerSGD's warm-start factor); ``None`` for stateless
   compressors. Only linear compressors carry state.
+* ``matrix``: whether it compresses matrices (the low-rank families). Such a compressor
+  is handed one matrix at a time by :func:`lore_jax.compressed_mean`, as the transform's
+  ``weight_dimension_numbers`` cut the leaf (:func:`lore_jax.subspace.resolve_views`),
+  and leaves that are not matrices (vectors, biases) are sent dense; called directly on a
+  leaf, it views an N-D leaf as ``(prod(shape[:-1]), shape[-1])``.
 
 All constants are derived in the lore_jax spec, consistent with the framework of Khirirat,
 Feyzmahdavian and Johansson (2018); they are not quoted from that paper.
@@ -104,6 +109,7 @@ class Compressor(NamedTuple):
         (default: the size of the payload's arrays).
       init: ``(key, shape, dtype) -> state``, the replicated compressor state.
       next_state: ``(state, mean_payload, ctx) -> state`` after the all-reduce.
+      matrix: it compresses matrices (given one matrix at a time by the transforms).
     """
 
     name: str
@@ -116,6 +122,7 @@ class Compressor(NamedTuple):
     payload_bits: Callable[[Any, Context], int | jax.Array] = _buffer_bits
     init: Callable[[jax.Array, Shape, Any], Any] = _no_state
     next_state: Callable[[Any, Any, Context], Any] = _keep_state
+    matrix: bool = False
 
     def _constant(self, kind: str, x: Sequence[int] | jax.Array) -> Any:
         if self.kind != kind:

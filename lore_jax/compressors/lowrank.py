@@ -76,7 +76,7 @@ def _lowrank(name, kind, linear, rank, floats_per_rank, compress_matrix, decompr
         extra = {"init": init_fn, "next_state": next_state_fn}
     return Compressor(
         name=name, kind=kind, linear=linear, compress=compress, decompress=decompress,
-        bits=bits, payload_bits=payload_bits, constant=constant_fn, **extra,
+        bits=bits, payload_bits=payload_bits, constant=constant_fn, matrix=True, **extra,
     )
 
 

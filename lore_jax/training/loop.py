@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import accounting, collectives
+from lore_jax import accounting, layout
 from lore_jax.greedylore import PROBE_KINDS, REFRESH_METHODS
 from lore_jax.training import data as data_lib
 from lore_jax.training import metrics as metrics_lib
@@ -239,8 +239,8 @@ def _train(cfg: TrainConfig) -> RunResult:
         update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
         error_feedback=cfg.error_feedback, seed=cfg.seed, refresh=cfg.refresh,
         probes=cfg.probes)
-    opt_state = jax.eval_shape(lambda p: collectives.sharded_init(tx, p, mesh, AXIS), params)
-    specs = collectives.state_specs(opt_state, AXIS)
+    opt_state = jax.eval_shape(lambda p: layout.sharded_init(tx, p, mesh, AXIS), params)
+    specs = layout.state_specs(opt_state, AXIS)
     params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)
     opt_state = step_lib.with_shardings(opt_state, specs, mesh)
 

@@ -34,7 +34,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import collectives
+from lore_jax import layout
+from lore_jax.data_parallel import per_device
 
 Metrics = dict[str, jax.Array]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -108,7 +109,7 @@ def make_train_step(
         # the gradient with respect to the replicated parameters themselves would be the
         # transpose of their implicit broadcast, a dense psum over the axis, which would
         # send the full gradient before the compressor ever sees it.
-        local = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
+        local = per_device(params, axis_name)
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(local)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -209,5 +210,5 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any, mesh: jax.shar
       ``(opt_state, specs)``: per-device buffers as ``(N, ...)`` arrays sharded
       ``P(axis_name)``, the rest replicated (:func:`lore_jax.sharded_init`).
     """
-    opt_state = collectives.sharded_init(tx, params, mesh, axis_name)
-    return opt_state, collectives.state_specs(opt_state, axis_name)
+    opt_state = layout.sharded_init(tx, params, mesh, axis_name)
+    return opt_state, layout.state_specs(opt_state, axis_name)
