@@ -421,7 +421,9 @@ def plain_train_step(apply_fn, kind: str, tx: optax.GradientTransformation, mesh
             loss_sum, _ = loss_and_metrics(kind, apply_fn(p, x), y)
             return loss_sum / x.shape[0]
 
-        loss, grads = jax.value_and_grad(objective)(params)
+        # This device's own gradient: differentiating the replicated parameters themselves
+        # would all-reduce it densely before the compressor runs.
+        loss, grads = jax.value_and_grad(objective)(lore_jax.per_device(params, AXIS))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, AXIS)
 
