@@ -216,6 +216,14 @@ def test_collectives_in_hlo_match_bits_sent(mesh, comp, spec, seed):
     ops, bits = collectives_of(step, g, state)
     if comp.linear:
         assert ops == {"all-reduce"} and bits == sent
+    elif comp.matrix:
+        # The matrix is all-gathered; the vector "b" is no matrix, so it is sent dense by
+        # one all-reduce of its 32 * 64 bits (not all-gathered N times).
+        cols = hlo_collectives(step.lower(g, state).compile().as_text())
+        gathered = sum(c["bits"] for c in cols if c["op"] == "all-gather")
+        reduced = sum(c["bits"] for c in cols if c["op"] == "all-reduce")
+        assert ops == {"all-gather", "all-reduce"} and reduced == 32 * 64
+        assert gathered == N * (sent - 32 * 64)
     else:
         assert ops == {"all-gather"} and bits == N * sent
     for v in jax.tree.leaves(out):
@@ -244,7 +252,7 @@ def test_bernoulli_counts_the_longest_message(mesh):
 
 
 def test_nonfinite_step_keeps_the_state():
-    tx = compressed_mean(C.top_k(2))
+    tx = compressed_mean(C.top_k(2), axis_name=None)
     params = {"w": jnp.zeros(8)}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -335,7 +343,7 @@ def test_bad_arguments_raise_at_construction():
 
 
 def test_non_float_gradients_and_unbound_axis_raise_at_trace_time():
-    tx = compressed_mean(C.top_k(2))
+    tx = compressed_mean(C.top_k(2), axis_name=None)
     params = {"w": jnp.zeros(8), "n": jnp.zeros(3, jnp.int32)}
     with pytest.raises(TypeError, match=r"\['n'\] of dtype int32"):
         tx.update(params, tx.init(params))
@@ -356,3 +364,19 @@ def test_state_layout(mesh):
     specs = lore_jax.state_specs(state, "data")[0]
     assert specs.error["w"] == P("data") and specs.tracker["w"] == P()
     assert specs.bits_sent == P() and specs.key == P()
+
+
+@pytest.mark.parametrize("comp, ef", [(C.top_k(3), "ef14"), (C.powersgd(2), None)],
+                         ids=["top_k-ef14", "powersgd-no-ef"])
+@pytest.mark.parametrize("grads, match", [
+    ({"a": (16, 64), "b": (32, 64)}, r"\['a'\] has shape \(.*\) in the state, the gradient "
+                                     r"needs \(.*64"),
+    ({"a": (32, 64), "b": (16, 32)}, r"\['a'\] has shape .* in the state.*\['b'\]"),
+    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"the state has no \['c'\]"),
+    ({"a": (16, 32)}, r"the gradients have no leaf for the state's \['b'\]"),
+], ids=["shape", "swapped", "extra", "missing"])
+def test_gradients_that_do_not_match_the_state_name_the_leaf(comp, ef, grads, match):
+    params = {"a": jnp.zeros((16, 32)), "b": jnp.zeros((32, 64))}
+    tx = compressed_mean(comp, axis_name=None, error_feedback=ef)
+    with pytest.raises(ValueError, match=match):
+        tx.update({k: jnp.ones(s) for k, s in grads.items()}, tx.init(params))

@@ -104,14 +104,14 @@ def test_wrong_axis_name_inside_shard_map(mesh):
 
 
 def test_non_float_gradients_are_rejected():
-    tx = lore_jax.greedylore(2)
+    tx = lore_jax.greedylore(2, axis_name=None)
     params = {"w": jnp.ones((8, 16)), "steps": jnp.zeros((), jnp.int32)}
     with pytest.raises(TypeError, match="int32"):
         tx.update(params, tx.init(params))
 
 
 def test_mismatched_dense_mask():
-    tx = lore_jax.greedylore(2, dense={"w": True, "v": False})
+    tx = lore_jax.greedylore(2, axis_name=None, dense={"w": True, "v": False})
     with pytest.raises(ValueError, match="dense"):
         tx.init({"w": jnp.ones((8, 16))})
 
@@ -226,7 +226,8 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(rank, probes)
     params = {"w": jnp.zeros((a, x.shape[1]))}
 
     def one_step(key):
-        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, probes=probes)
+        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, probes=probes,
+                                 axis_name=None)
         state = tx.init(params)
         state = state._replace(basis=(jnp.asarray(basis, jnp.float32)[None],),
                                count=jnp.ones([], jnp.int32))  # past the first refresh
@@ -391,7 +392,8 @@ def test_nonfinite_gradients_do_not_poison_state(mesh, bad, phase_step):
 
 def test_composes_with_apply_if_finite():
     params = {"w": jnp.ones((8, 32))}
-    tx = optax.apply_if_finite(optax.chain(lore_jax.greedylore(2), optax.sgd(0.1)), 3)
+    tx = optax.apply_if_finite(
+        optax.chain(lore_jax.greedylore(2, axis_name=None), optax.sgd(0.1)), 3)
     state = tx.init(params)
     good = {"w": jnp.ones((8, 32))}
     bad = {"w": good["w"].at[0, 0].set(jnp.nan)}
@@ -411,7 +413,7 @@ def test_single_device_matches_reference_with_n_equal_one():
     params = make_params(rng)
     key = jax.random.PRNGKey(3)
     tx = lore_jax.greedylore(2, update_interval=3, warmup_steps=1, key=key,
-                             min_compression_rate=1.5)
+                             min_compression_rate=1.5, axis_name=None)
     ref = GreedyLoreReference(params, 2, 3, 1, 1, key, rate=1.5)
     ref.n = 1
     ref.E = {k: v[:1] for k, v in ref.E.items()}
@@ -441,3 +443,20 @@ def test_state_specs_cover_nested_optax_states(mesh):
     assert state[1].error[0].shape == (N, 1, 8, 32)
     assert state[1].error[0].sharding.spec[0] == "data"
 
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("grads, match", [
+    ({"a": (16, 64), "b": (32, 64)}, r"gradients: 1 of 16x64: \['a'\].*init saw\): 1 of 16x32"),
+    ({"a": (32, 64), "b": (16, 32)}, r"1 of 32x64: \['a'\].*1 of 16x32: \['b'\].*init saw\): "
+                                     r"1 of 16x32; 1 of 32x64"),
+    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"2 of 16x32: \['a'\] \(1 matrix\), "
+                                                    r"\['c'\].*init saw\): 1 of 16x32"),
+])
+def test_gradients_that_do_not_match_the_state_name_the_leaves(grads, match):
+    params = {"a": jnp.zeros((16, 32)), "b": jnp.zeros((32, 64))}
+    tx = lore_jax.greedylore(2, axis_name=None, min_compression_rate=0)
+    with pytest.raises(ValueError, match=match):
+        tx.update({k: jnp.ones(s) for k, s in grads.items()}, tx.init(params))

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import collectives, problems, theory
+from lore_jax import layout, problems, theory
 from lore_jax.staleness import ReuseLastState, StaleState, reuse_last, stale
 
 
@@ -84,8 +84,8 @@ def test_dtypes_are_kept():
 def _sharded_run(mesh, tx, steps, tau):
     """Runs tx under shard_map on 8 devices; device i's input at step k is 100 i + k."""
     params = {"w": jnp.zeros((4,))}
-    state = collectives.sharded_init(tx, params, mesh)
-    specs = collectives.state_specs(state, "data")
+    state = layout.sharded_init(tx, params, mesh)
+    specs = layout.state_specs(state, "data")
 
     def step(g, s):
         out, s = tx.update({"w": g[0]}, s)

@@ -81,7 +81,8 @@ def test_greedylore_fast_refresh_tracks_the_exact_refresh():
     grads = [base + 0.1 * rng.standard_normal((24, 64)).astype(np.float32) for _ in range(10)]
     bases = {}
     for method in ("svd", "subspace_iteration"):
-        tx = lore_jax.greedylore(4, update_interval=3, refresh=method, refresh_iters=2)
+        tx = lore_jax.greedylore(4, update_interval=3, refresh=method, refresh_iters=2,
+                                 axis_name=None)
         state = tx.init({"w": jnp.zeros((24, 64))})
         update = jax.jit(tx.update)
         for g in grads:  # four refreshes: the first is always an exact SVD
