@@ -34,3 +34,16 @@ def init_and_step(tx, params, mesh):
     """The sharded initial state of ``tx`` for ``params`` and its :func:`shard_step`."""
     state = lore_jax.sharded_init(tx, params, mesh)
     return state, shard_step(tx, mesh, state)
+
+
+def switch_bits(hlo_text: str) -> tuple[int, list[int]]:
+    """All-reduce bits of a compiled step holding one GreedyLore ``lax.switch``.
+
+    Returns ``(outside, [warm_up, refresh, compressed])``: the bits all-reduced on every
+    step (outside the switch) and in each of its three branches.
+    """
+    cols = lore_jax.hlo_collectives(hlo_text)
+    (branches,) = [b for b in lore_jax.accounting.hlo_conditional_branches(hlo_text)
+                   if len(b) == 3]
+    outside = sum(c["bits"] for c in cols if c["computation"] not in branches)
+    return outside, [sum(c["bits"] for c in cols if c["computation"] == b) for b in branches]

@@ -1,0 +1,254 @@
+"""State layout on a mesh: any state container, nnx.Optimizer, model-sharded parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from greedylore_reference import GreedyLoreReference
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+from lore_jax import compressors as C
+
+N = 8
+
+
+def keys(path) -> tuple:
+    """A leaf's path as plain names, whatever the containers (nnx.State, dict, NamedTuple)."""
+    return lore_jax.collectives.path_keys(path)
+
+
+def per_device_paths(specs) -> set[tuple]:
+    return {keys(p) for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]
+            if s == P("data")}
+
+
+def paths_with(tree, field: str) -> set[tuple]:
+    return {keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if field in keys(p)}
+
+
+PARAMS = {"w": jnp.zeros((16, 32)), "b": jnp.zeros(32)}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda tx: tx,
+    lambda tx: optax.inject_hyperparams(lambda lr: optax.chain(tx, optax.sgd(lr)))(lr=0.1),
+    lambda tx: optax.masked(tx, {"w": True, "b": True}),
+    lambda tx: lore_jax.multi_steps(optax.chain(tx, optax.adam(1e-3)), 2),
+], ids=["plain", "inject_hyperparams", "masked", "multi_steps"])
+@pytest.mark.parametrize("make", [
+    lambda: lore_jax.greedylore(2, min_compression_rate=0),
+    lambda: lore_jax.compressed_mean(C.powersgd(2), error_feedback="ef21"),
+    lambda: optax.chain(lore_jax.stale(2), lore_jax.compressed_mean(C.top_k(4))),
+], ids=["greedylore", "compressed_mean", "stale"])
+def test_state_specs_find_every_per_device_field_in_any_container(mesh, wrap, make):
+    tx = wrap(make())
+    state = tx.init(PARAMS)
+    specs = lore_jax.state_specs(state)
+    fields = ("error", "buffer", "delay", "acc_grads")
+    want = set().union(*(paths_with(state, f) for f in fields))
+    assert per_device_paths(specs) == want and want
+    # The same from dicts of the same names (a checkpoint restored without a target) ...
+    assert per_device_paths(lore_jax.state_specs(as_dicts(state))) == want
+    # ... and the state laid out by sharded_init trains a step under shard_map.
+    laid_out = lore_jax.sharded_init(tx, PARAMS, mesh)
+    assert lore_jax.state_specs(laid_out) == specs
+    for path, x in jax.tree_util.tree_flatten_with_path(laid_out)[0]:
+        if keys(path) in want:
+            assert x.shape[0] == N
+    step = jax.jit(jax.shard_map(lambda g, s: tx.update(jax.tree.map(lambda v: v[0], g), s,
+                                                        PARAMS),
+                                 mesh=mesh, in_specs=(P("data"), specs), out_specs=(P(), specs)))
+    grads = jax.device_put({k: jnp.ones((N, *v.shape)) for k, v in PARAMS.items()},
+                           NamedSharding(mesh, P("data")))
+    step(grads, laid_out)
+
+
+def as_dicts(tree):
+    """Every NamedTuple of ``tree`` as a dict of its fields (types lost, names kept)."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return {k: as_dicts(v) for k, v in tree._asdict().items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(as_dicts(v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: as_dicts(v) for k, v in tree.items()}
+    return tree
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1, self.l2 = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def test_nnx_optimizer_state_specs_and_shard_state(mesh):
+    model = MLP(nnx.Rngs(0))
+    tx = optax.chain(lore_jax.greedylore(2, min_compression_rate=0), optax.adam(1e-3))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    specs = lore_jax.state_specs(state)            # the nnx.State lost the state's types
+    assert per_device_paths(specs) == paths_with(state, "error") != set()
+    placed = lore_jax.shard_state(state, mesh)
+    assert lore_jax.state_specs(placed) == specs
+    for path, x in jax.tree_util.tree_flatten_with_path(placed)[0]:
+        rows = N if "error" in keys(path) else None
+        assert rows is None or (x.shape[0] == rows and np.all(np.asarray(x) == 0)), path
+    # A dict of the same names (e.g. nnx.to_pure_dict, or a restore without a target).
+    assert per_device_paths(lore_jax.state_specs(nnx.to_pure_dict(state))) == paths_with(
+        state, "error")
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
+
+    def local_step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)  # noqa: E731
+        optimizer.update(model, nnx.grad(loss_fn)(lore_jax.per_device(model), batch))
+        return nnx.state((model, optimizer))
+
+    step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P("data")),
+                                 out_specs=specs))
+    new = step(placed, jax.device_put((x, y), NamedSharding(mesh, P("data"))))
+    # Step 0 is a dense refresh: Adam's first update is -lr * sign(mean gradient).
+    full = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    model1, _ = nnx.merge(graphdef, new)
+    moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                         nnx.state(model1, nnx.Param), nnx.state(model, nnx.Param))
+    for d, g in zip(jax.tree.leaves(moved), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(d, -1e-3 * np.sign(np.asarray(g)), rtol=1e-3, atol=1e-7)
+
+
+# --------------------------------------------------------------- model-sharded parameters
+
+MODEL_SPECS = {"w1": P(None, "model"), "w2": P("model", None), "b1": P("model")}
+
+
+def sharded_params(mesh2):
+    rng = np.random.default_rng(0)
+    full = {"w1": rng.standard_normal((12, 32)) / 4, "w2": rng.standard_normal((32, 10)) / 6,
+            "b1": np.zeros(32)}
+    return {k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh2, MODEL_SPECS[k]))
+            for k, v in full.items()}
+
+
+@pytest.fixture(scope="module")
+def mesh2():
+    return jax.make_mesh((4, 2), ("data", "model"))
+
+
+def sharded_step(tx, mesh2, state):
+    """``(grads, state) -> (update, state)``; grads ``(4, *shape)``, sharded like the params."""
+    specs = lore_jax.state_specs(state)
+    grad_specs = {k: P("data", *s) for k, s in MODEL_SPECS.items()}
+
+    def step(g, s):
+        return tx.update(jax.tree.map(lambda v: v[0], g), s)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh2, in_specs=(grad_specs, specs),
+                                 out_specs=(MODEL_SPECS, specs)))
+
+
+def shard_of(x: np.ndarray, spec: P, m: int) -> np.ndarray:
+    """Model shard ``m`` of 2 of a (global) parameter-shaped array."""
+    axis = list(spec).index("model")
+    return np.split(x, 2, axis=axis)[m]
+
+
+def test_model_sharded_greedylore_compresses_each_shard_like_the_reference(mesh2):
+    params = sharded_params(mesh2)
+    tx = lore_jax.greedylore(3, update_interval=3, warmup_steps=1, key=7,
+                             min_compression_rate=1.0)
+    state = lore_jax.sharded_init(tx, params, mesh2)
+    gl = state
+    assert [u.sharding.spec[0] for u in gl.basis] == ["model", "model"]
+    assert [e.sharding.spec[0] for e in gl.error] == [("data", "model")] * 2
+    step = sharded_step(tx, mesh2, state)
+    local = {k: shard_of(np.asarray(v), MODEL_SPECS[k], 0) for k, v in params.items()}
+    refs = [GreedyLoreReference(local, 3, 3, 1, 4, jax.random.PRNGKey(7), rate=1.0)
+            for _ in range(2)]
+    rng = np.random.default_rng(1)
+
+    def place(grads):
+        return {k: jax.device_put(v, NamedSharding(mesh2, P("data", *MODEL_SPECS[k])))
+                for k, v in grads.items()}
+
+    text = step.lower(place({k: np.zeros((4, *v.shape), np.float32) for k, v in params.items()}),
+                      state).compile().as_text()
+    for t in range(6):    # warm-up, refresh, compressed x 2, refresh, compressed
+        grads = {k: (rng.standard_normal((4, *v.shape)) * (1 + np.arange(v.shape[-1]) / 4)
+                     ).astype(np.float32) for k, v in params.items()}
+        before = lore_jax.communication(state)["bits_sent"]
+        out, state = step(place(grads), state)
+        for m, ref in enumerate(refs):
+            want = ref.step([{k: shard_of(g[d], MODEL_SPECS[k], m) for k, g in grads.items()}
+                             for d in range(4)])
+            for k in params:
+                np.testing.assert_allclose(shard_of(np.asarray(out[k]), MODEL_SPECS[k], m),
+                                           want[k], rtol=2e-4, atol=2e-5, err_msg=f"{t} {k}")
+        # Each device sends its shard's payload over "data": w1 (12 x 16), w2 (16 x 10)
+        # -> oriented (10 x 16); b1 (16,) dense.
+        shard_bits = (12 * 16 + 16 * 10 + 16) * 32 if t in (0, 1, 4) else \
+            ((12 + 3 * 16) + (10 + 3 * 16) + 16) * 32
+        assert lore_jax.communication(state)["bits_sent"] - before == shard_bits
+    # In the HLO: the f32 all-reduces are these payloads; one int32 flag agrees on "finite"
+    # across the model shards.
+    cols = lore_jax.hlo_collectives(text)
+    flags = [c for c in cols if c["shapes"] == [("s32", ())]]
+    assert len(flags) == 1 and all(c["op"] == "all-reduce" for c in cols)
+
+
+def test_model_sharded_full_rank_greedylore_trains_like_the_dense_mean(mesh2):
+    """Full rank, every matrix compressed: lossless, so the same losses as a dense mean."""
+    def loss(p, batch):
+        x, y = batch
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((jax.lax.psum(h @ p["w2"], "model") - y) ** 2)
+
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((32, 12)).astype(np.float32),
+                rng.standard_normal((32, 10)).astype(np.float32)) for _ in range(12)]
+    losses = {}
+    for name, first in {
+        "dense": lore_jax.compressed_mean(C.identity(), error_feedback=None),
+        "greedylore": lore_jax.greedylore(16, update_interval=4, min_compression_rate=0),
+    }.items():
+        train = lore_jax.data_parallel(loss, optax.chain(first, optax.adam(1e-2)), mesh2)
+        params = sharded_params(mesh2)
+        state = train.init(params)
+        losses[name] = []
+        for b in batches:
+            params, state, value = train.step(params, state, b)
+            losses[name].append(float(value))
+        assert params["w1"].sharding.spec == P(None, "model")
+    np.testing.assert_allclose(losses["greedylore"], losses["dense"], rtol=2e-4)
+    assert losses["dense"][-1] < losses["dense"][0]
+
+
+def test_model_sharded_nan_on_one_shard_keeps_every_shard_state(mesh2):
+    params = sharded_params(mesh2)
+    for tx in (lore_jax.greedylore(3, update_interval=3, min_compression_rate=1.0),
+               lore_jax.compressed_mean(C.powersgd(2))):
+        state = lore_jax.sharded_init(tx, params, mesh2)
+        step = sharded_step(tx, mesh2, state)
+        grads = {k: np.ones((4, *v.shape), np.float32) for k, v in params.items()}
+        grads["w1"][2, 0, -1] = np.nan           # data row 2, the last column: model shard 1
+        placed = {k: jax.device_put(v, NamedSharding(mesh2, P("data", *MODEL_SPECS[k])))
+                  for k, v in grads.items()}
+        _, new = step(placed, state)
+        assert int(new.nonfinite_steps) == 1 and int(new.count) == 0
+        counters = {f: getattr(state, f) for f in ("nonfinite_steps", "bits_sent", "bits_dense")}
+        for a, b in zip(jax.tree.leaves(new._replace(**counters)), jax.tree.leaves(state),
+                        strict=True):                # every shard's state as it was
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parameters_sharded_over_the_data_axis_are_refused(mesh2):
+    w = jax.device_put(jnp.zeros((8, 16)), NamedSharding(mesh2, P("data", None)))
+    with pytest.raises(ValueError, match=r"\['w'\] is sharded.*over the data axis 'data'"):
+        lore_jax.sharded_init(lore_jax.greedylore(2), {"w": w}, mesh2)

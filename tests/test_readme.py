@@ -1,0 +1,287 @@
+"""The README's Python blocks, executed as they stand and checked for what they claim.
+
+The blocks are read from README.md (never copied here) and run in order in one
+namespace, as a reader would paste them into one session. Each test then checks a
+block's claim against an independent reference: a dense-mean run of the same code, a
+single-device full-batch gradient, the compiled HLO, or the layout the block promises.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import switch_bits
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lore_jax
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+N = 8
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+@pytest.fixture(scope="module")
+def readme() -> list[tuple[str, dict]]:
+    """Each Python block of the README with the namespace as it was right after it ran."""
+    namespace: dict = {"__name__": "readme"}
+    after = []
+    for i, block in enumerate(python_blocks()):
+        exec(compile(block, f"README.md, Python block {i + 1}", "exec"), namespace)
+        after.append((block, dict(namespace)))
+    return after
+
+
+def after(readme, marker: str) -> dict:
+    """The namespace right after the first block containing ``marker``."""
+    return next(ns for block, ns in readme if marker in block)
+
+
+def dense(ns) -> optax.GradientTransformation:
+    """The uncompressed baseline, with the README's base optimizer."""
+    mean = lore_jax.compressed_mean(lore_jax.compressors.identity(), error_feedback=None)
+    return optax.chain(mean, ns["base"])
+
+
+def held_out(ns, loss, model) -> float:
+    return float(loss(model, ns["batch_at"](10**6, 4096)))
+
+
+def bits(state) -> int:
+    return lore_jax.communication(state)["bits_sent"]
+
+
+def full_batch_sgd_step(ns, batch):
+    """One SGD(momentum) step from ``init_params()`` on the full batch, on one device."""
+    params = ns["init_params"]()
+    grads = jax.grad(ns["loss_fn"])(params, batch)
+    return jax.tree.map(lambda p, g: p - 0.02 * g, params, grads)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_the_readme_has_the_documented_blocks():
+    blocks = python_blocks()
+    for name in ("data_parallel(loss_fn, tx, mesh)", "per_device(params)", "jax.pmap",
+                 "nnx.Optimizer", "micro_batches=4", "multi_steps", "apply_if_finite",
+                 '("data", "model")', "weight_dimension_numbers"):
+        assert any(name in b for b in blocks), name
+
+
+@pytest.mark.slow
+def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(readme):
+    ns = after(readme, "def fit(")
+    lore = held_out(ns, ns["loss_fn"], ns["params"])
+    dense_params, _ = ns["fit"](dense(ns))
+    baseline = held_out(ns, ns["loss_fn"], dense_params)
+    comm = lore_jax.communication(ns["opt_state"])
+    print(f"held-out loss: GreedyLore {lore:.5f}, dense {baseline:.5f}; {comm}")
+    assert baseline < 0.3, baseline        # the dense run learned the teacher (floor 0.25)
+    assert lore <= 1.02 * baseline, (lore, baseline)
+    assert comm["bits_dense"] >= 10 * comm["bits_sent"], comm
+
+
+def test_data_parallel_step_all_reduces_what_communication_reports(readme):
+    ns = after(readme, "def fit(")
+    train = lore_jax.data_parallel(ns["loss_fn"], ns["tx"], ns["mesh"], donate=False)
+    params, state = ns["init_params"](), train.init(ns["init_params"]())
+    batch = ns["batch_at"](0)
+    outside, (warm, refresh, compressed) = switch_bits(
+        train.lower(params, state, batch).compile().as_text())
+    # Every step: the dense leaves (biases; w3 fails the size gate) and the loss's mean.
+    dense_leaves = (256 + 256 + 8 + 256 * 8) * 32
+    assert outside == dense_leaves + 32
+    assert refresh == warm == (32 * 256 + 256 * 256) * 32
+    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32   # a + r b per matrix
+    # Warm-up (5 steps), the refresh, then compressed steps: each adds what its HLO sends.
+    for phase in [warm] * 5 + [refresh, compressed, compressed]:
+        before = bits(state)
+        params, state, _ = train.step(params, state, batch)
+        assert bits(state) - before == outside - 32 + phase
+
+
+def test_shard_map_block_applies_the_mean_gradient_and_sends_no_dense_matrix(readme):
+    ns = after(readme, "lore_jax.per_device(params)")
+    # One step (a dense warm-up step, exact): the full-batch gradient, not N times it.
+    assert_trees_close(ns["params"], full_batch_sgd_step(ns, ns["batch_at"](0)))
+    text = ns["step"].lower(ns["params"], ns["opt_state"], ns["batch"]).compile().as_text()
+    outside, (warm, refresh, compressed) = switch_bits(text)
+    assert outside == (256 + 256 + 8 + 256 * 8) * 32     # dense leaves only
+    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32
+    cols = lore_jax.hlo_collectives(text)
+    (branches,) = [b for b in lore_jax.accounting.hlo_conditional_branches(text) if len(b) == 3]
+    for c in cols:
+        if c["computation"] not in branches[:2]:   # outside warm-up and refresh
+            assert not any(s in {(32, 256), (256, 256), (1, 32, 256), (1, 256, 256)}
+                           for _, s in c["shapes"]), c
+
+
+def test_pmap_block_takes_the_same_step_on_every_device(readme):
+    ns = after(readme, "jax.pmap")
+    reference = full_batch_sgd_step(ns, ns["batch_at"](0))
+    for k, v in ns["stacked"].items():
+        v = np.asarray(v)
+        assert v.shape[0] == jax.local_device_count()
+        for copy in v:
+            np.testing.assert_allclose(copy, np.asarray(reference[k]), rtol=1e-5, atol=1e-6)
+    assert bits(ns["pmap_state"]) == bits(after(readme, "per_device(params)")["opt_state"])
+
+
+@pytest.mark.slow
+def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(readme):
+    ns = after(readme, "nnx.Optimizer")
+    lore = held_out(ns, ns["nnx_loss"], ns["model"])
+    (dense_model, _), _, _ = ns["fit_nnx"](dense(ns))
+    baseline = held_out(ns, ns["nnx_loss"], dense_model)
+    comm = lore_jax.communication(ns["optimizer"].opt_state)
+    print(f"NNX held-out loss: GreedyLore {lore:.5f}, dense {baseline:.5f}; {comm}")
+    assert baseline < 0.3 and lore <= 1.02 * baseline, (lore, baseline)
+    assert comm["bits_dense"] >= 10 * comm["bits_sent"], comm
+    assert lore_jax.communication(ns["nnx_state"]) == comm
+
+    # The nnx.State's EF buffers are per device; its HLO sends what the counters say.
+    specs = lore_jax.state_specs(ns["nnx_state"])
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]:
+        assert (spec == P("data")) == ("'error'" in jax.tree_util.keystr(path)), path
+    batch = jax.device_put(ns["batch_at"](0), NamedSharding(ns["mesh"], P("data")))
+    text = ns["nnx_step"].lower(ns["nnx_state"], batch).compile().as_text()
+    outside, (warm, refresh, compressed) = switch_bits(text)
+    assert outside == (256 + 256 + 8 + 256 * 8) * 32
+    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32
+    state = ns["nnx_state"]                # 400 steps in: the next steps are compressed
+    for _ in range(2):
+        before = bits(state)
+        state = ns["nnx_step"](state, batch)
+        assert bits(state) - before == outside + compressed
+
+
+def test_accumulation_blocks_communicate_once_per_optimizer_step(readme):
+    ns = after(readme, "micro_batches=4")
+    loss_fn, mesh, tx = ns["loss_fn"], ns["mesh"], ns["tx"]
+    batch = ns["batch_at"](0)
+    # micro_batches=4 averages the 4 micro-batch gradients: the same step as one batch.
+    assert_trees_close(ns["acc_params"], full_batch_sgd_step(ns, batch))
+    one = lore_jax.data_parallel(loss_fn, tx, mesh, donate=False)
+    four = ns["train"]
+    texts = [t.lower(ns["init_params"](), t.init(ns["init_params"]()), batch).compile().as_text()
+             for t in (one, four)]
+    assert switch_bits(texts[1]) == switch_bits(texts[0])     # the same collectives, once
+    assert bits(ns["acc_state"]) == (256 + 256 + 8 + 256 * 8 + 32 * 256 + 256 * 256) * 32
+
+    # multi_steps: micro-batch j of every device in call j; only call 4 sends anything.
+    runner = lore_jax.data_parallel(loss_fn, ns["accumulated"], mesh)
+    params, state = ns["init_params"](), runner.init(ns["init_params"]())
+    x, y = batch
+    rows = np.arange(len(x)).reshape(N, 4, -1)         # device, micro-batch, example
+    sent = []
+    for j in range(4):
+        micro = (x[rows[:, j].reshape(-1)], y[rows[:, j].reshape(-1)])
+        params, state, _ = runner.step(params, state, micro)
+        sent.append(bits(state))
+    assert sent[:3] == [0, 0, 0] and sent[3] == bits(ns["acc_state"])
+    assert_trees_close(params, ns["acc_params"])
+    text = runner.lower(params, state, micro).compile().as_text()
+    in_branches = {name for b in lore_jax.accounting.hlo_conditional_branches(text) for name in b}
+    outside = [c for c in lore_jax.hlo_collectives(text) if c["computation"] not in in_branches]
+    assert sum(c["bits"] for c in outside) == 32          # the loss's mean only
+
+
+def _one_bad_device(ns, device: int = 3):
+    x, y = ns["batch_at"](0)
+    x = x.copy()
+    x[device * (len(x) // N)] = np.nan           # a NaN in one device's share only
+    return x, y
+
+
+@pytest.mark.parametrize("mapping", ["shard_map", "pmap"])
+def test_apply_if_finite_block_skips_a_nan_on_one_device(readme, mapping):
+    ns = after(readme, "apply_if_finite")
+    tx, loss_fn, mesh = ns["safe_tx"], ns["loss_fn"], ns["mesh"]
+    good, bad = ns["batch_at"](0), _one_bad_device(ns)
+    if mapping == "shard_map":
+        train = lore_jax.data_parallel(loss_fn, tx, mesh, donate=False)
+        params = jax.device_put(ns["init_params"](), NamedSharding(mesh, P()))
+        state = train.init(params)
+
+        def step(p, s, batch):
+            return train.step(p, s, batch)[:2]
+    else:
+        stack = jax.tree.map(lambda v: jnp.broadcast_to(v, (N, *v.shape)), ns["init_params"]())
+        params, state = stack, jax.pmap(tx.init, axis_name="data")(stack)
+
+        def local(p, s, batch):
+            updates, s = tx.update(jax.grad(loss_fn)(p, batch), s, p)
+            return optax.apply_updates(p, updates), s
+
+        pstep = jax.pmap(local, axis_name="data")
+
+        def step(p, s, batch):
+            return pstep(p, s, jax.tree.map(lambda v: v.reshape(N, -1, *v.shape[1:]), batch))
+
+    new_params, new_state = step(params, state, bad)
+    assert_trees_close(new_params, params, rtol=0, atol=0)          # the step was skipped
+    lore_state, guard = new_state
+    assert int(np.ravel(lore_state.nonfinite_steps)[0]) == 1
+    assert int(np.ravel(lore_state.count)[0]) == 0                   # nothing advanced
+    assert int(np.ravel(guard.notfinite_count)[0]) == 1
+    for e in jax.tree.leaves(lore_state.error):
+        assert np.all(np.asarray(e) == 0)
+    after_good, _ = step(new_params, new_state, good)                # and training goes on
+    assert_trees_close(after_good if mapping == "shard_map" else
+                       jax.tree.map(lambda v: v[0], after_good),
+                       full_batch_sgd_step(ns, good))
+
+
+def lead(x) -> object:
+    """The mesh axes the leading axis of a placed array is sharded over."""
+    return x.sharding.spec[0]
+
+
+def test_model_sharded_block_matches_the_unsharded_step(readme):
+    ns = after(readme, '("data", "model")')
+    state = ns["tp_state"]
+    gl = state[0]
+    assert [lead(u) for u in gl.basis] == ["model"] * len(gl.basis)    # a basis per shard
+    assert [lead(e) for e in gl.error] == [("data", "model")] * len(gl.error)  # per device
+    assert tuple(ns["tp_params"]["w1"].sharding.spec) == (None, "model")
+    # The first step is a dense warm-up: the update of the full, unsharded model.
+    k1, k2 = jax.random.split(jax.random.key(1))
+    full = {"w1": jax.random.normal(k1, (32, 256)) / np.sqrt(32), "b1": jnp.zeros(256),
+            "w2": jax.random.normal(k2, (256, 8)) / 16}
+
+    def loss(p, batch):
+        x, y = batch
+        return jnp.mean((jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2)
+
+    grads = jax.grad(loss)(full, ns["batch_at"](0))
+    want = jax.tree.map(lambda p, g: p - 0.02 * g, full, grads)
+    assert_trees_close(jax.device_get(ns["tp_params"]), want)
+    np.testing.assert_allclose(float(ns["tp_loss_value"]), float(loss(full, ns["batch_at"](0))),
+                               rtol=1e-5)
+
+
+def test_dimension_numbers_block_views_attention_kernels_as_their_linear_maps(readme):
+    ns = after(readme, "weight_dimension_numbers")
+    dims = ns["dims"]
+    assert dims["query"]["kernel"] == lore_jax.DimensionNumbers((0,), (1, 2))
+    assert dims["out"]["kernel"] == lore_jax.DimensionNumbers((0, 1), (2,))
+    assert dims["query"]["bias"] is None
+    from flax import nnx
+    params = nnx.to_pure_dict(nnx.state(ns["attention"], nnx.Param))
+    lore_state = ns["attention_tx"].init(params)[0]
+    # query, key, value and out: four 64 x 64 matrices in one group; biases dense.
+    assert [u.shape for u in lore_state.basis] == [(4, 64, 64)]
+    stacked_state = ns["stacked_tx"].init({"layers": jnp.zeros((3, 16, 32))})
+    assert [u.shape for u in stacked_state.basis] == [(3, 16, 16)]
