@@ -114,6 +114,26 @@ def vary_like(tree: Any, ref: jax.Array, exclude: Hashable | None = None) -> Any
     return jax.tree.map(lambda x: vary(x, axes), tree) if axes else tree
 
 
+def model_axes(tree: Any, axis_name: AxisName) -> tuple:
+    """The mesh axes other than ``axis_name`` that some leaf of ``tree`` varies over.
+
+    Non-empty for model-sharded parameters (tensor parallelism, FSDP on its own axis).
+    """
+    return mesh_order(set().union(*(varying_axes(x) for x in jax.tree.leaves(tree)))
+                      - {axis_name})
+
+
+def agree(flag: jax.Array, axes: tuple) -> jax.Array:
+    """A boolean that holds on every device of ``axes`` iff it holds on all of them.
+
+    One ``pmin`` of an int32 over ``axes`` (nothing when there are none): how the shards
+    of a model-sharded step agree that it was finite, so replicated counters stay so.
+    """
+    if not axes:
+        return flag
+    return jax.lax.pmin(flag.astype(jnp.int32), axes).astype(bool)
+
+
 def match_varying(new: Any, like: Any) -> Any:
     """Leaves of ``new`` marked as varying over every axis the matching leaf of ``like`` does.
 

@@ -178,10 +178,8 @@ def _shapes(tree: Any) -> list[tuple[str, tuple]]:
 def _all_finite(tree: Any, model_axes: tuple = ()) -> jax.Array:
     """Whether every leaf is finite; agreed over ``model_axes`` (the shards of a leaf)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    finite = jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-    if not model_axes:
-        return finite
-    return jax.lax.pmin(finite.astype(jnp.int32), model_axes).astype(bool)
+    return collectives.agree(jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True),
+                             model_axes)
 
 
 def compressed_mean(
@@ -346,8 +344,7 @@ def compressed_mean(
             bits_static += sum(b for b in nbits if isinstance(b, int))
             bits_traced += [b for b in nbits if not isinstance(b, int)]
 
-        model_axes = collectives.mesh_order(
-            set().union(*(collectives.varying_axes(g) for g in leaves)) - {axis_name})
+        model_axes = collectives.model_axes(updates, axis_name)
         finite = _all_finite(outs, model_axes)
 
         def keep_if_finite(new, old, ok=finite):

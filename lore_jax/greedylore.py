@@ -244,14 +244,6 @@ def _check_state_fits(plan: _Plan, state: GreedyLoreState, updates: Any) -> None
     )
 
 
-def _agree_finite(finite: jax.Array, plan: _Plan) -> jax.Array:
-    """``finite`` on every shard: one boolean reduction over the model axes, if any."""
-    axes = collectives.mesh_order(set().union(*(g.axes for g in plan.groups)))
-    if not axes:
-        return finite
-    return jax.lax.pmin(finite.astype(jnp.int32), axes).astype(bool)
-
-
 def _exact_refresh(h: jax.Array, u_prev: jax.Array) -> jax.Array:
     del u_prev
     return subspace.svd_basis(h)[0]
@@ -513,8 +505,9 @@ def greedylore(
             parts = jnp.split(out, np.cumsum(g.counts)[:-1]) if len(g.counts) > 1 else [out]
             for i, m in zip(g.leaves, parts, strict=True):
                 out_leaves[i] = subspace.from_matrices(m, plan.views[i], leaves[i].dtype)
-        finite = _agree_finite(
-            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves])), plan)
+        finite = collectives.agree(
+            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves])),
+            collectives.model_axes(updates, axis_name))
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

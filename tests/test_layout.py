@@ -252,3 +252,32 @@ def test_parameters_sharded_over_the_data_axis_are_refused(mesh2):
     w = jax.device_put(jnp.zeros((8, 16)), NamedSharding(mesh2, P("data", None)))
     with pytest.raises(ValueError, match=r"\['w'\] is sharded.*over the data axis 'data'"):
         lore_jax.sharded_init(lore_jax.greedylore(2), {"w": w}, mesh2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lore_jax.greedylore(2, update_interval=2),
+    lambda: lore_jax.compressed_mean(C.powersgd(2)),
+], ids=["greedylore", "powersgd"])
+def test_model_sharded_dense_leaves_beside_replicated_matrices(mesh2, make):
+    """Only the (dense, size-gated) shards vary over "model"; the compressed matrix is
+    replicated: the step still agrees on finiteness over "model" and trains."""
+    specs = {"w1": P(None, "model"), "w2": P("model", None), "w3": P()}
+    rng = np.random.default_rng(4)
+    params = {k: jax.device_put(jnp.asarray(rng.standard_normal(s) / 4, jnp.float32),
+                                NamedSharding(mesh2, specs[k]))
+              for k, s in {"w1": (12, 4), "w2": (4, 10), "w3": (10, 10)}.items()}
+
+    def loss(p, batch):
+        x, y = batch
+        h = jax.lax.psum(jnp.tanh(x @ p["w1"]) @ p["w2"], "model")
+        return jnp.mean((h @ p["w3"] - y) ** 2)
+
+    train = lore_jax.data_parallel(loss, optax.chain(make(), optax.adam(1e-2)), mesh2)
+    state = train.init(params)
+    batch = (rng.standard_normal((32, 12)).astype(np.float32),
+             rng.standard_normal((32, 10)).astype(np.float32))
+    losses = []
+    for _ in range(4):
+        params, state, value = train.step(params, state, batch)
+        losses.append(float(value))
+    assert int(state[0].count) == 4 and losses[-1] < losses[0]
