@@ -199,7 +199,7 @@ def data_parallel(
     if (isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer))
             or micro_batches < 1):
         raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
-    layout._check_mesh_axis(mesh, axis_name)
+    layout.check_mesh_axis(mesh, axis_name)
     n = mesh.shape[axis_name]
     k = int(micro_batches)
     wait = _shares_cpu_threads(mesh)

@@ -178,7 +178,7 @@ def shard_state(opt_state: Any, mesh: jax.sharding.Mesh, axis_name: Hashable = "
       ``opt_state`` with global arrays; :func:`state_specs` of it are its ``shard_map``
       specs.
     """
-    _check_mesh_axis(mesh, axis_name)
+    check_mesh_axis(mesh, axis_name)
     n = mesh.shape[axis_name]
     specs = state_specs(opt_state, axis_name)
 
@@ -192,7 +192,7 @@ def shard_state(opt_state: Any, mesh: jax.sharding.Mesh, axis_name: Hashable = "
     return jax.tree.map(place, opt_state, specs, is_leaf=_is_spec)
 
 
-def _check_mesh_axis(mesh: jax.sharding.Mesh, axis_name: Hashable) -> None:
+def check_mesh_axis(mesh: jax.sharding.Mesh, axis_name: Hashable) -> None:
     if axis_name not in mesh.axis_names:
         raise ValueError(
             f"axis_name={axis_name!r} is not an axis of the mesh (axes: {mesh.axis_names}); "
@@ -315,7 +315,7 @@ def sharded_init(
       >>> state[0].error[0].shape[0] == jax.device_count()
       True
     """
-    _check_mesh_axis(mesh, axis_name)
+    check_mesh_axis(mesh, axis_name)
     if param_specs is None:
         param_specs = param_specs_of(params, mesh, axis_name)
     params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
