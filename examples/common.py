@@ -246,24 +246,6 @@ def gradient_step(tx: optax.GradientTransformation, grad: Callable[..., jax.Arra
 # ----------------------------------------------------------------------------- runs
 
 
-def _same_vma(new: Any, old: Any) -> Any:
-    """Marks leaves of ``new`` as varying over the axes ``old`` varies over.
-
-    A per-device state field computed from replicated values only (e.g. the delay of
-    :func:`lore_jax.stale` with ``axis_name=None``) comes out device-invariant; the scan
-    carry must keep the type it entered with.
-    """
-
-    def varying(x):
-        return jax.typeof(x).manual_axis_type.varying
-
-    def fix(n, o):
-        missing = tuple(sorted(varying(o) - varying(n)))
-        return jax.lax.pcast(n, missing, to="varying") if missing else n
-
-    return jax.tree.map(fix, new, old)
-
-
 @dataclasses.dataclass
 class Curve:
     """One run: iterates and cumulative bits at iterations ``0..K`` (float64 NumPy).
@@ -333,7 +315,7 @@ class Runner:
             def body(carry, k):
                 x, state = carry
                 x_new, new, bits = local_step(x, state, A, b, jax.random.fold_in(key, k))
-                return (x_new, _same_vma(new, state)), (x_new, bits)
+                return (x_new, collectives.match_varying(new, state)), (x_new, bits)
 
             (x, state), (xs, bits) = jax.lax.scan(body, (x, state), k0 + jnp.arange(chunk_len))
             return x, state, xs, bits
