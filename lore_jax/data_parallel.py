@@ -78,7 +78,10 @@ class DataParallel(NamedTuple):
 
 
 def _local_gradients(loss_fn, params, batch, axis_name, has_aux, micro_batches):
-    """``((loss, aux), grads)`` of this device's shard, averaged over its micro-batches."""
+    """``((loss, aux), grads)`` of this device's shard, averaged over its micro-batches.
+
+    The micro-batch sums are kept in float32 (or wider) and cast back at the end.
+    """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
     local = per_device(params, axis_name)
     if micro_batches == 1:
@@ -88,12 +91,14 @@ def _local_gradients(loss_fn, params, batch, axis_name, has_aux, micro_batches):
         return x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
 
     def add(total, micro):
-        return jax.tree.map(lambda t, m: t + m.astype(t.dtype), total, value_and_grad(local, micro)
-                            ), None
+        return jax.tree.map(lambda t, m: t + m.astype(t.dtype), total,
+                            value_and_grad(local, micro)), None
 
-    first = value_and_grad(local, jax.tree.map(lambda x: split(x)[0], batch))
-    total, _ = jax.lax.scan(add, first, jax.tree.map(lambda x: split(x)[1:], batch))
-    return jax.tree.map(lambda t: t / micro_batches, total)
+    micro = jax.tree.map(split, batch)
+    first = value_and_grad(local, jax.tree.map(lambda x: x[0], micro))
+    wide = jax.tree.map(lambda t: t.astype(jnp.promote_types(t.dtype, jnp.float32)), first)
+    total, _ = jax.lax.scan(add, wide, jax.tree.map(lambda x: x[1:], micro))
+    return jax.tree.map(lambda t, f: (t / micro_batches).astype(f.dtype), total, first)
 
 
 def _batch_size(batch: Any) -> int:
