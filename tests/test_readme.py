@@ -160,7 +160,7 @@ def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(
     outside, (warm, refresh, compressed) = switch_bits(text)
     assert outside == (256 + 256 + 8 + 256 * 8) * 32
     assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32
-    state = ns["nnx_state"]                # 400 steps in: the next steps are compressed
+    state = ns["nnx_state"]                # 300 steps in: the next steps are compressed
     for _ in range(2):
         before = bits(state)
         state = ns["nnx_step"](state, batch)
