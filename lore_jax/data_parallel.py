@@ -208,7 +208,8 @@ def data_parallel(
     n = mesh.shape[axis_name]
     k = int(micro_batches)
     wait = _shares_cpu_threads(mesh)
-    compiled: dict[Any, Callable] = {}   # one jitted step per layout of (params, state)
+    compiled: dict[Any, Callable] = {}   # one jitted step per set of specs
+    specs_cache: dict[Any, tuple] = {}   # the specs and step of each layout seen
 
     def local_step(params, opt_state, batch):
         value, grads = _local_gradients(loss_fn, params, batch, axis_name, has_aux, k)
@@ -225,6 +226,27 @@ def data_parallel(
     def init(params):
         return layout.sharded_init(tx, params, mesh, axis_name)
 
+    def specs_for(params, opt_state):
+        """The in/out specs of (params, opt_state) and the jitted step built for them.
+
+        Reading the specs walks the whole state, so they are kept per layout: the trees'
+        structures and their leaves' shardings (a first call with unplaced arrays and the
+        later calls with the step's outputs are two layouts of the same specs).
+        """
+        layout_key = tuple((jax.tree.structure(t), tuple(getattr(x, "sharding", None)
+                                                         for x in jax.tree.leaves(t)))
+                           for t in (params, opt_state))
+        if layout_key not in specs_cache:
+            param_specs = layout.param_specs_of(params, mesh, axis_name)
+            state_specs = layout.state_specs(opt_state, axis_name)
+            spec_key = (layout_key[0][0], layout_key[1][0],
+                        tuple(jax.tree.leaves((param_specs, state_specs),
+                                              is_leaf=lambda s: isinstance(s, P))))
+            if spec_key not in compiled:
+                compiled[spec_key] = build(param_specs, state_specs)
+            specs_cache[layout_key] = (param_specs, state_specs, compiled[spec_key])
+        return specs_cache[layout_key]
+
     def prepare(params, opt_state, batch):
         """The jitted step for this layout, and the inputs placed on the mesh."""
         size = _batch_size(batch)
@@ -233,14 +255,8 @@ def data_parallel(
                 f"the global batch has {size} examples, which does not split into {n} "
                 f"devices x {k} micro-batches; use a multiple of {n * k}."
             )
-        param_specs = layout.param_specs_of(params, mesh, axis_name)
-        state_specs = layout.state_specs(opt_state, axis_name)
-        key = (jax.tree.structure(params), tuple(jax.tree.leaves(param_specs)),
-               jax.tree.structure(opt_state),
-               tuple(jax.tree.leaves(state_specs, is_leaf=lambda s: isinstance(s, P))))
-        if key not in compiled:
-            compiled[key] = build(param_specs, state_specs)
-        return compiled[key], (
+        param_specs, state_specs, fn = specs_for(params, opt_state)
+        return fn, (
             _place(params, param_specs, mesh), _place(opt_state, state_specs, mesh),
             _place(batch, jax.tree.map(lambda _: P(axis_name), batch), mesh))
 
