@@ -121,7 +121,7 @@ def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
     """Each leaf as a global array with ``NamedSharding(mesh, spec)`` (no copy if it is).
 
     Host arrays are taken as the global value, which every process holds in full (the
-    same convention as :func:`lore_jax.training.step.global_array`). Arrays placed
+    same convention as :func:`lore_jax.layout.global_array`). Arrays placed
     elsewhere are copied, never aliased: the step donates what it is given, and the
     caller's own arrays must survive that.
     """
@@ -133,8 +133,7 @@ def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
             # device_put may alias the source buffer in the new array's shard, even with
             # may_alias=False (jax 0.10, one device to a replicated sharding): copy first.
             return jax.device_put(jnp.array(x, copy=True), sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+        return layout.global_array(x, mesh, spec)
 
     return jax.tree.map(put, tree, specs, is_leaf=lambda s: isinstance(s, P))
 

@@ -158,6 +158,16 @@ def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
     return jax.tree_util.tree_map_with_path(spec, opt_state)
 
 
+def global_array(x: Any, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+    """A global ``jax.Array`` from a host array every process holds in full.
+
+    Each process fills only its addressable shards, so this works the same with one
+    process or many (``jax.distributed``).
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+
 def shard_state(opt_state: Any, mesh: jax.sharding.Mesh, axis_name: Hashable = "data") -> Any:
     """Lays out a state made outside ``shard_map`` (e.g. by ``nnx.Optimizer``) on the mesh.
 
@@ -186,8 +196,7 @@ def shard_state(opt_state: Any, mesh: jax.sharding.Mesh, axis_name: Hashable = "
         host = np.asarray(jax.device_get(x))
         if len(spec) and axis_name in _entry_axes(spec[0]) and host.shape[:1] == (1,):
             host = np.broadcast_to(host, (n,) + host.shape[1:])
-        sharding = NamedSharding(mesh, spec)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return global_array(host, mesh, spec)
 
     return jax.tree.map(place, opt_state, specs, is_leaf=_is_spec)
 

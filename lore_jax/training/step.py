@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from lore_jax import layout
 from lore_jax.data_parallel import per_device
+from lore_jax.layout import global_array
 
 Metrics = dict[str, jax.Array]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -143,16 +144,6 @@ def make_eval_step(
                             in_specs=(P(), P(axis_name), P(axis_name), P(axis_name)),
                             out_specs=P())
     return jax.jit(sharded)
-
-
-def global_array(x: np.ndarray, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
-    """A global ``jax.Array`` from a host array every process holds in full.
-
-    Each process fills only its addressable shards, so this works the same with one
-    process or many (``jax.distributed``).
-    """
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
