@@ -62,9 +62,8 @@ def per_device_fields(node: Any) -> tuple[str, ...] | None:
     drawn from, when it has at least three of them, one a per-device field (fields that
     hold no array, such as an empty tuple, are absent from an ``nnx.State``).
     """
-    declared = getattr(type(node), "PER_DEVICE_FIELDS", None)
-    if declared is not None and hasattr(node, "_fields"):
-        return tuple(declared)
+    if collectives.is_state(node):
+        return tuple(type(node).PER_DEVICE_FIELDS)
     keys = collectives.field_names(node)
     if keys is None or hasattr(node, "_fields") or len(keys) < 3:
         return None
