@@ -7,7 +7,15 @@ Usage::
         [--steps N --lr LR --optimizer adam|sgd --seed S --log FILE \\
          --checkpoint-dir DIR [--checkpoint-every K] --resume]
     lore-jax compare --task digits [--compressors dense,greedylore,powersgd,random --out DIR]
+    lore-jax train --task lm --compressor greedylore \\
+        [--data FILE_OR_DIR --seq-len 64 --d-model 64 --heads 4 --layers 2]
     python -m lore_jax ...                     # the same
+
+Tasks: digits, classification, regression, lm (a byte-level language model on real text,
+by default the Python standard library's source with held-out files; ``--data`` a text
+file or directory of your own), charlm (a bundled 8 KB text for fast tests: it is
+memorised), mnist and cifar10 (``--data`` their files; nothing is downloaded). The
+transformer's size (``--d-model``, ``--heads``, ``--layers``) applies to lm and charlm.
 
 Devices: real accelerators (GPU/TPU) are used when present. Otherwise the command
 simulates ``--devices`` CPU devices (default 8) by setting
@@ -61,16 +69,27 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and model")
     g.add_argument("--task", default="digits",
-                   help="digits | classification | regression | charlm | mnist | cifar10 "
-                        "(default: digits)")
+                   help="digits | classification | regression | lm | charlm | mnist | "
+                        "cifar10 (default: digits). lm: byte-level language model on real "
+                        "text (default: the Python standard library's source, held out by "
+                        "file); charlm: a bundled 8 KB text, memorised, for fast tests")
     g.add_argument("--model", default=None,
                    help="mlp | cnn | transformer (default: the task's)")
     g.add_argument("--data", default=None, metavar="PATH",
-                   help="data to read: a text file (charlm), the MNIST IDX directory, the "
-                        "CIFAR-10 'cifar-10-batches-py' directory; nothing is downloaded")
+                   help="data to read: a text file or a directory of text files (lm; "
+                        "default: the Python standard library's source), a text file "
+                        "(charlm), the MNIST IDX directory, the CIFAR-10 "
+                        "'cifar-10-batches-py' directory; nothing is downloaded")
     g.add_argument("--hidden", default="256,256", metavar="W1,W2,...",
                    help="MLP hidden widths (default: 256,256)")
-    g.add_argument("--seq-len", type=int, default=64, help="charlm characters per example")
+    g.add_argument("--seq-len", type=int, default=64,
+                   help="lm bytes / charlm characters per example (default: 64)")
+    g.add_argument("--d-model", type=int, default=64,
+                   help="transformer width, lm and charlm (default: 64)")
+    g.add_argument("--heads", type=int, default=4,
+                   help="transformer attention heads; must divide --d-model (default: 4)")
+    g.add_argument("--layers", type=int, default=2,
+                   help="transformer blocks (default: 2)")
 
     g = p.add_argument_group("training")
     g.add_argument("--rank", type=int, default=4, help="rank of the low-rank compressors")
@@ -191,7 +210,8 @@ def _config(args: argparse.Namespace, compressor: str):
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
         refresh=args.refresh, probes=args.probes, seed=args.seed, hidden=hidden,
-        data=args.data, seq_len=args.seq_len,
+        data=args.data, seq_len=args.seq_len, d_model=args.d_model, num_heads=args.heads,
+        num_layers=args.layers,
         eval_every=args.eval_every, progress=not args.no_progress,
         log=getattr(args, "log", None), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every=getattr(args, "checkpoint_every", None),

@@ -81,6 +81,10 @@ def test_checkpoint_errors_leave_it_untouched(trained, capsys):
     (["train", "--batch-size", "12"], "not divisible"),
     (["train", "--probes", "one"], "--probes: invalid choice: 'one'"),
     (["train", "--refresh", "qr"], "--refresh: invalid choice: 'qr'"),
+    (["train", "--task", "lm", "--data", "{tmp}/nowhere"], "text corpus not found"),
+    (["train", "--task", "lm", "--d-model", "30"], "--d-model 30 is not divisible by --heads 4"),
+    (["train", "--task", "lm", "--layers", "0"], "--layers must be at least 1, got 0"),
+    (["train", "--task", "lm", "--heads", "0"], "--heads must be at least 1, got 0"),
 ])
 def test_bad_requests_give_one_line(mesh, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -166,3 +170,30 @@ def test_greedylore_refresh_and_probes_options_reach_the_transform(mesh):
     assert fast["bits_sent"] == base["bits_sent"]
     # ... but both change the directions chosen, so the runs differ.
     assert fast["train_loss"] != base["train_loss"]
+
+
+@pytest.mark.parametrize("flags, size", [
+    ([], (64, 4, 2)),                                        # the defaults lm runs with
+    (["--d-model", "24", "--heads", "3", "--layers", "3"], (24, 3, 3)),
+])
+def test_transformer_size_flags_reach_the_model(flags, size):
+    from flax import nnx
+
+    from lore_jax.training import models, tasks
+
+    args = cli.build_parser().parse_args(["train", "--task", "lm", "--seq-len", "16", *flags])
+    cfg = cli._config(args, "dense")
+    assert (cfg.model, cfg.steps, cfg.batch_size, cfg.learning_rate) == ("transformer", 600,
+                                                                         64, 3e-3)
+    d, heads, layers = size
+    dataset = tasks.load_data(cfg.task, cfg.data, cfg.seq_len)
+    model = nnx.eval_shape(lambda: tasks.make_model(
+        cfg.model, dataset, cfg.seed, cfg.hidden, d_model=cfg.d_model,
+        num_heads=cfg.num_heads, num_layers=cfg.num_layers))
+    _, params = models.split(model)
+    assert params["token_embed"]["embedding"].shape == (256, d)
+    assert params["position_embed"]["embedding"].shape == (16, d)
+    assert sorted(k for k in params if k.startswith("block")) == [f"block{i}"
+                                                                  for i in range(layers)]
+    assert params["block0"]["attention"]["qkv"]["kernel"].shape == (d, 3 * d)
+    assert model.block0.attention.num_heads == heads

@@ -109,6 +109,65 @@ def test_train_charlm_runs(mesh):
     assert 0.0 <= res.summary["test_accuracy"] <= 1.0
 
 
+TINY_LM = dict(task="lm", compressor="dense", batch_size=16, seq_len=16, d_model=16,
+               num_heads=2, num_layers=1, progress=False)
+
+
+def test_train_lm_tiny_model_runs(mesh):
+    """2 steps of ``lm`` on its default corpus (the standard library's source)."""
+    res = train(TrainConfig(steps=2, **TINY_LM))
+    assert len(res.history) == 2 and res.config["d_model"] == 16
+    assert res.summary["start_step"] == 0 and np.isfinite(res.history[-1]["loss"])
+    # Near the uniform log(256) nats per byte after 2 steps, but finite.
+    assert np.isfinite(res.summary["test_loss"]) and res.summary["test_loss"] < np.log(256) + 1
+
+
+def test_lm_checkpoint_records_the_model_size(mesh, tmp_path):
+    """The checkpoint holds the 16-wide, 1-block model, and a resume with another number
+    of heads (same shapes) or blocks is refused. A small directory corpus keeps it quick."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 8)
+    tiny = {**TINY_LM, "data": str(corpus)}
+    ckpt = tmp_path / "ckpt"
+    train(TrainConfig(steps=2, checkpoint_dir=str(ckpt), **tiny))
+    sig = json.loads((ckpt / "2" / "meta" / "metadata").read_text())["signature"]["params"]
+    assert sig["['token_embed']['embedding']"] == "float32[256,16]"
+    assert sig["['position_embed']['embedding']"] == "float32[16,16]"
+    assert not any("block1" in k for k in sig)
+    with pytest.raises(CheckpointError, match="written with --heads 2, but this run has "
+                                              "--heads 4"):
+        train(TrainConfig(steps=3, checkpoint_dir=str(ckpt), resume=True,
+                          **{**tiny, "num_heads": 4}))
+    with pytest.raises(CheckpointError, match="written with --layers 1"):
+        train(TrainConfig(steps=3, checkpoint_dir=str(ckpt), resume=True,
+                          **{**tiny, "num_layers": 2}))
+
+
+def test_initial_params_follow_the_transformer_size(mesh):
+    """The cache of initial parameters never hands one size's parameters to another."""
+    from lore_jax.training import loop, tasks
+
+    dataset = tasks.load_data("charlm", seq_len=8)
+    shapes = []
+    for d_model in (8, 16):
+        cfg = TrainConfig(task="charlm", d_model=d_model, num_heads=2, num_layers=1,
+                          seq_len=8).resolved()
+        params = loop._initial_params(cfg, dataset, lambda cfg=cfg: tasks.make_model(
+            cfg.model, dataset, cfg.seed, d_model=cfg.d_model, num_heads=cfg.num_heads,
+            num_layers=cfg.num_layers))
+        shapes.append(params["token_embed"]["embedding"].shape)
+    assert shapes == [(dataset.num_outputs, 8), (dataset.num_outputs, 16)]
+
+
+def test_transformer_size_is_checked_before_anything_runs():
+    with pytest.raises(TrainingError, match="--d-model 30 is not divisible by --heads 4"):
+        TrainConfig(task="lm", d_model=30).resolved()
+    with pytest.raises(TrainingError, match="--layers must be at least 1"):
+        TrainConfig(task="lm", num_layers=0).resolved()
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -114,7 +114,8 @@ class Checkpointer:
         return dict(out["meta"])
 
     def check(self, step: int, params: Any, opt_state: Any,
-              settings: dict[str, Any] | None = None) -> dict[str, Any]:
+              settings: dict[str, Any] | None = None,
+              flags: dict[str, str] | None = None) -> dict[str, Any]:
         """Checks that checkpoint ``step`` fits this run; returns its metadata.
 
         Args:
@@ -122,7 +123,10 @@ class Checkpointer:
           params, opt_state: the current run's (templates suffice).
           settings: options that must equal those stored in the checkpoint's
             ``meta["config"]`` (e.g. ``{"compressor": "greedylore", "rank": 4}``): some
-            change the meaning of the optimizer state without changing its shapes.
+            change the meaning of the optimizer state or of the parameters (the number
+            of attention heads) without changing their shapes.
+          flags: how messages name a setting (``{"num_heads": "--heads"}``); the
+            default is ``--`` and the name with dashes.
 
         Raises:
           CheckpointError: naming the first differing setting, or the first parameter or
@@ -135,7 +139,7 @@ class Checkpointer:
         stored = meta.get("config", {})
         for name, value in (settings or {}).items():
             if name in stored and stored[name] != value:
-                flag = "--" + name.replace("_", "-")
+                flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
                 raise CheckpointError(
                     f"checkpoint {where} was written with {flag} {stored[name]}, but this "
                     f"run has {flag} {value}; resume with the same {flag} or use another "

@@ -28,6 +28,8 @@ from lore_jax.training.checkpoint import Checkpointer, CheckpointError
 from lore_jax.training.errors import TrainingError
 
 AXIS = "data"
+# Config fields whose command-line flag is not ``--`` + the name with dashes.
+FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "learning_rate": "--lr"}
 
 
 @dataclasses.dataclass
@@ -51,8 +53,10 @@ class TrainConfig:
         :func:`lore_jax.greedylore`.
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
+      d_model, num_heads, num_layers: the transformer's width, attention heads and
+        blocks (``lm`` and ``charlm``; ``d_model`` divisible by ``num_heads``).
       data: a file or directory for tasks that read one.
-      seq_len: characters per example of ``charlm``.
+      seq_len: tokens per example of ``lm`` and ``charlm``.
       eval_every: evaluate on the test set every this many steps (and at the end).
       log: a JSON-lines file for the metrics.
       checkpoint_dir: where to save checkpoints (at the end, and every
@@ -79,6 +83,9 @@ class TrainConfig:
     probes: str = "independent"
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
     data: str | None = None
     seq_len: int = 64
     eval_every: int = 100
@@ -106,6 +113,7 @@ class TrainConfig:
             if getattr(out, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got "
                                     f"{getattr(out, name)}.")
+        tasks.check_transformer_size(out.d_model, out.num_heads, out.num_layers)
         if out.devices is not None and out.devices < 1:
             raise TrainingError(f"--devices must be at least 1, got {out.devices}.")
         if out.resume and not out.checkpoint_dir:
@@ -180,12 +188,24 @@ def _initial_params(cfg: TrainConfig, dataset: data_lib.Dataset, new_model) -> A
     it costs seconds on CPU (one threefry program per initialiser), so a comparison of
     compressors, or a test suite, pays it once per model.
     """
-    key = (cfg.model, tuple(cfg.hidden), cfg.seed, dataset.input_shape, dataset.num_outputs)
+    key = (cfg.model, tuple(cfg.hidden), cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.seed,
+           dataset.input_shape, dataset.num_outputs)
     if key not in _INIT_CACHE:
         if len(_INIT_CACHE) >= 8:
             _INIT_CACHE.clear()
         _INIT_CACHE[key] = jax.device_get(models.create(new_model)[1])
     return _INIT_CACHE[key]
+
+
+def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Options a resumed run must share with its checkpoint beyond the shapes it stores.
+
+    The number of heads changes what the transformer computes, not its parameters' shapes.
+    """
+    names = ["task", "model", "compressor", "rank", "optimizer", "error_feedback"]
+    if cfg.model == "transformer":
+        names += ["d_model", "num_heads", "num_layers"]
+    return {k: getattr(cfg, k) for k in names}
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -229,7 +249,9 @@ def _train(cfg: TrainConfig) -> RunResult:
     tasks.check_model(cfg.model, dataset)
 
     def new_model():
-        return tasks.make_model(cfg.model, dataset, cfg.seed, cfg.hidden)
+        return tasks.make_model(cfg.model, dataset, cfg.seed, cfg.hidden,
+                                d_model=cfg.d_model, num_heads=cfg.num_heads,
+                                num_layers=cfg.num_layers)
 
     apply_fn, params = models.abstract(new_model)
     tx = optimizers.make_optimizer(
@@ -247,9 +269,7 @@ def _train(cfg: TrainConfig) -> RunResult:
     # Resume from the checkpoint if it fits, or initialise.
     start, position = 0, data_lib.DataPosition(0, 0)
     if latest is not None:
-        meta = ckpt.check(latest, params, opt_state, {
-            k: getattr(cfg, k) for k in ("task", "model", "compressor", "rank", "optimizer",
-                                         "error_feedback")})
+        meta = ckpt.check(latest, params, opt_state, _resume_settings(cfg), flags=FLAGS)
         params, opt_state = ckpt.restore(latest, params, opt_state)
         start, position = latest, data_lib.DataPosition(*meta["position"])
     else:

@@ -1,15 +1,25 @@
 """Named training tasks: a dataset, the model that fits it, and sensible defaults.
 
-=============== ======================================= ============ =====================
+=============== ======================================= ============ ========================
 task            data                                    model        needs ``--data``
-=============== ======================================= ============ =====================
+=============== ======================================= ============ ========================
 digits          scikit-learn's bundled 8x8 digits       mlp (cnn)    no
 classification  generated 32-feature, 4-class problem   mlp          no
 regression      generated 32-feature, 4-target problem  mlp          no
-charlm          character corpus (bundled text)         transformer  optional: a text file
+lm              byte-level language model on real text  transformer  optional: a text file
+                (default: the Python standard                        or a directory
+                library's source, held out by file)
+charlm          character corpus (bundled 8 KB text)    transformer  optional: a text file
 mnist           MNIST IDX files                         mlp (cnn)    yes: their directory
 cifar10         CIFAR-10 python batches                 cnn (mlp)    yes: their directory
-=============== ======================================= ============ =====================
+=============== ======================================= ============ ========================
+
+``lm`` is the language-model workload (:func:`data_lib.text_corpus`): UTF-8 bytes of
+about 4 MiB of Python source, test files never seen in training; by default a
+transformer of width 64, 4 heads, 2 layers over 64-byte windows (``--d-model``,
+``--heads``, ``--layers``, ``--seq-len``), 600 steps of global batch 64 at learning rate
+3e-3. ``charlm`` stays for fast tests only: models memorise its bundled text, so its
+held-out loss says nothing about quality.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ TASKS: dict[str, TaskDefaults] = {
     "digits": TaskDefaults("mlp", 400, 128, 3e-3),
     "classification": TaskDefaults("mlp", 600, 128, 1e-3),
     "regression": TaskDefaults("mlp", 600, 128, 1e-3),
+    "lm": TaskDefaults("transformer", 600, 64, 3e-3),
     "charlm": TaskDefaults("transformer", 400, 32, 3e-3),
     "mnist": TaskDefaults("mlp", 1000, 128, 1e-3),
     "cifar10": TaskDefaults("cnn", 2000, 128, 1e-3),
@@ -46,6 +57,12 @@ MODELS = ("mlp", "cnn", "transformer")
 
 def load_data(task: str, path: str | None = None, seq_len: int = 64) -> data_lib.Dataset:
     """The dataset of ``task`` (see the table above).
+
+    Args:
+      task: a name in :data:`TASKS`.
+      path: the file or directory the task reads (``--data``); optional for ``lm`` and
+        ``charlm``, required for ``mnist`` and ``cifar10``, ignored otherwise.
+      seq_len: tokens per example of ``lm`` and ``charlm``.
 
     Raises:
       TrainingError: an unknown task, or a task that needs ``path`` without it.
@@ -58,6 +75,8 @@ def load_data(task: str, path: str | None = None, seq_len: int = 64) -> data_lib
         return data_lib.synthetic_classification()
     if task == "regression":
         return data_lib.synthetic_regression()
+    if task == "lm":
+        return data_lib.text_corpus(path, seq_len=seq_len)
     if task == "charlm":
         return data_lib.char_corpus(path, seq_len=seq_len)
     if path is None:
@@ -67,15 +86,32 @@ def load_data(task: str, path: str | None = None, seq_len: int = 64) -> data_lib
 
 
 def make_model(
-    name: str, dataset: data_lib.Dataset, seed: int, hidden: Sequence[int] = (256, 256),
+    name: str, dataset: data_lib.Dataset, seed: int, hidden: Sequence[int] = (256, 256), *,
+    d_model: int = 64, num_heads: int = 4, num_layers: int = 2,
 ) -> nnx.Module:
     """Builds model ``name`` ("mlp", "cnn" or "transformer") sized for ``dataset``.
 
     Call it inside :func:`models.create` (``models.create(lambda: make_model(...))``) to
     initialise it with one compilation.
 
+    Args:
+      name: the model.
+      dataset: fixes the input shape and the outputs (classes or vocabulary).
+      seed: seeds the initialisation.
+      hidden: the MLP's hidden widths.
+      d_model, num_heads, num_layers: the transformer's width, attention heads and
+        blocks (``--d-model``, ``--heads``, ``--layers``); ``d_model`` must be divisible
+        by ``num_heads``.
+
     Raises:
-      TrainingError: a model that does not fit the data (e.g. a CNN on tabular data).
+      TrainingError: a model that does not fit the data (e.g. a CNN on tabular data), or
+        a bad transformer size.
+
+    Example:
+      >>> lm = make_model("transformer", data_lib.text_corpus(seq_len=16), seed=0,
+      ...                 d_model=32, num_heads=2, num_layers=1)
+      >>> lm.token_embed.embedding.shape, lm.num_layers
+      ((256, 32), 1)
     """
     check_model(name, dataset)
     rngs = nnx.Rngs(seed)
@@ -87,7 +123,28 @@ def make_model(
         return models.MLP(size, tuple(hidden), dataset.num_outputs, rngs=rngs)
     if name == "cnn":
         return models.CNN(shape[-1], dataset.num_outputs, rngs=rngs)
-    return models.CharTransformer(dataset.num_outputs, shape[0], rngs=rngs)
+    check_transformer_size(d_model, num_heads, num_layers)
+    return models.CharTransformer(dataset.num_outputs, shape[0], d_model=d_model,
+                                  num_heads=num_heads, num_layers=num_layers, rngs=rngs)
+
+
+def check_transformer_size(d_model: int, num_heads: int, num_layers: int) -> None:
+    """Raises :class:`TrainingError` unless the sizes make a transformer.
+
+    Example:
+      >>> check_transformer_size(30, 4, 2)
+      Traceback (most recent call last):
+      ...
+      lore_jax.training.errors.TrainingError: --d-model 30 is not divisible by --heads 4; ...
+    """
+    for flag, value in (("--d-model", d_model), ("--heads", num_heads),
+                        ("--layers", num_layers)):
+        if value < 1:
+            raise TrainingError(f"{flag} must be at least 1, got {value}.")
+    if d_model % num_heads:
+        raise TrainingError(f"--d-model {d_model} is not divisible by --heads {num_heads}; "
+                            f"choose a width that is a multiple of the heads (e.g. --d-model "
+                            f"{num_heads * max(1, round(d_model / num_heads))}).")
 
 
 def check_model(name: str, dataset: data_lib.Dataset) -> None:
