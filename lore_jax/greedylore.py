@@ -118,6 +118,8 @@ from lore_jax import error_feedback as ef
 
 Refresh = Literal["svd", "subspace_iteration"]
 Probes = Literal["independent", "shared"]
+Tracking = Literal["off", "power"]
+Allocation = Literal["matrix", "group"]
 
 
 class GreedyLoreState(NamedTuple):
@@ -133,6 +135,9 @@ class GreedyLoreState(NamedTuple):
     """Per group, float32 ``(1, k, a, b)`` per device: EF14 residuals or EF21 trackers."""
     tracker: tuple[jax.Array, ...]
     """Per group, float32 ``(k, a, b)``: EF21 global tracker (mean of the ``error``)."""
+    factor: tuple[jax.Array, ...]
+    """Per group, float32 ``(k, b, r)``: the tracking factor ``Q`` (replicated; empty
+    unless ``tracking="power"``)."""
     bits_sent: jax.Array
     """uint32[2]: cumulative payload bits one device contributed to all-reduces."""
     bits_dense: jax.Array
@@ -162,11 +167,13 @@ class _Plan(NamedTuple):
     groups: tuple[_Group, ...]
 
 
-_WARMUP, _REFRESH, _COMPRESSED = 0, 1, 2
+_WARMUP, _REFRESH, _COMPRESSED, _TRACKED = 0, 1, 2, 3
 
 #: Values of :func:`greedylore`'s ``refresh`` and ``probes`` arguments.
 REFRESH_METHODS: tuple[str, ...] = get_args(Refresh)
 PROBE_KINDS: tuple[str, ...] = get_args(Probes)
+TRACKING_KINDS: tuple[str, ...] = get_args(Tracking)
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 
 
 def _make_plan(views: list[subspace.MatrixView | None], dense_flags: list[bool],
@@ -244,15 +251,44 @@ def _check_state_fits(plan: _Plan, state: GreedyLoreState, updates: Any) -> None
     )
 
 
-def _exact_refresh(h: jax.Array, u_prev: jax.Array) -> jax.Array:
-    del u_prev
-    return subspace.svd_basis(h)[0]
+class _Config(NamedTuple):
+    """The static settings the phase functions read (see :func:`greedylore`'s arguments)."""
+
+    mode: ef.ErrorFeedback
+    axis_name: Hashable | None
+    warmup_steps: int
+    update_interval: int
+    num_probes: int
+    probes: str
+    refresh: str
+    refresh_iters: int
+    tracking: str
+    track_every: int
+    allocation: str
 
 
-def _stacked_refresh(fn: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Array,
-                     u_prev: jax.Array) -> jax.Array:
-    """``fn(h, u_prev)`` on a group's ``(k, a, b)`` / ``(k, a, a)`` stacks; on CPU, one
-    matrix per LAPACK call.
+class _Phase(NamedTuple):
+    """What a phase returns, per group: local and mean reconstructions, the new bases and
+    the new tracking factors."""
+
+    c_local: list[jax.Array]
+    c_bar: list[jax.Array]
+    basis: tuple[jax.Array, ...]
+    factor: tuple[jax.Array, ...]
+
+
+def _phase_index(cfg: _Config, t: jax.Array) -> jax.Array:
+    """Which phase step ``t`` runs: warm-up, refresh, compressed, or compressed + track."""
+    since = t - cfg.warmup_steps
+    in_cycle = since % cfg.update_interval
+    compressed = _COMPRESSED
+    if cfg.tracking != "off":
+        compressed = jnp.where((in_cycle - 1) % cfg.track_every == 0, _TRACKED, _COMPRESSED)
+    return jnp.where(since < 0, _WARMUP, jnp.where(in_cycle == 0, _REFRESH, compressed))
+
+
+def _one_matrix_at_a_time(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
+    """``fn(*stacks)`` on a group's stacks of matrices; on CPU, one matrix per LAPACK call.
 
     jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh) split a batch over XLA's intra-op
     thread pool and block until it is done. When several devices of one process (e.g.
@@ -260,23 +296,216 @@ def _stacked_refresh(fn: Callable[[jax.Array, jax.Array], jax.Array], h: jax.Arr
     waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
     platforms keep the batched call.
     """
-    def one_at_a_time(h, u_prev):
-        return jax.lax.map(lambda hu: fn(*hu), (h, u_prev))
+    def one_at_a_time(*stacks):
+        return jax.lax.map(lambda xs: fn(*xs), stacks)
 
-    return jax.lax.platform_dependent(h, u_prev, cpu=one_at_a_time, default=fn)
+    return jax.lax.platform_dependent(*stacks, cpu=one_at_a_time, default=fn)
 
 
-def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, int, int]:
-    """Per-device payload bits of a (dense, compressed, dense-baseline) step."""
+def _exact_basis(h: jax.Array) -> jax.Array:
+    return subspace.svd_basis(h)[0]
+
+
+def _refresh_basis(cfg: _Config, group: _Group, h: jax.Array, u_prev: jax.Array,
+                   first: jax.Array) -> jax.Array:
+    """``U = svd(Hbar).U`` (``refresh="svd"``), or the warm-started subspace iteration of
+    :func:`lore_jax.subspace.subspace_iteration_basis` after the first refresh."""
+    if cfg.refresh == "svd":
+        return _one_matrix_at_a_time(_exact_basis, h)
+
+    def fast(h, u):
+        return subspace.subspace_iteration_basis(h, u, group.rank, cfg.refresh_iters)[0]
+
+    return jax.lax.cond(first, lambda h, u: _one_matrix_at_a_time(_exact_basis, h),
+                        lambda h, u: _one_matrix_at_a_time(fast, h, u), h, u_prev)
+
+
+def _initial_factor(h: jax.Array, u: jax.Array, rank: int) -> jax.Array:
+    """``Q = Hbar^T U[:, :r]``, ``(k, b, r)``: the tracking factor a refresh leaves."""
+    return jnp.swapaxes(h, -1, -2) @ u[..., :rank]
+
+
+def _dense_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
+                 factor: tuple) -> _Phase:
+    """Warm-up, ``t < t0``: ``out = mean_i H_i``, the identity compressor (EF resets)."""
+    del plan
+    return _Phase(xs, collectives.pmean(xs, cfg.axis_name), basis, factor)
+
+
+def _refresh_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
+                   factor: tuple, first: jax.Array) -> _Phase:
+    """Refresh, ``(t - t0) % tau == 0``: ``Hbar = mean_i H_i``, ``U = svd(Hbar).U``,
+    ``out = Hbar`` (a dense step, so EF14 memory resets: spec pitfall 6)."""
+    c_bar = collectives.pmean(xs, cfg.axis_name)
+    basis = tuple(_refresh_basis(cfg, g, h, u, first)
+                  for g, h, u in zip(plan.groups, c_bar, basis, strict=True))
+    if cfg.tracking != "off":
+        factor = tuple(_initial_factor(h, u, g.rank)
+                       for g, h, u in zip(plan.groups, c_bar, basis, strict=True))
+    return _Phase(xs, c_bar, basis, factor)
+
+
+def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple) -> list:
+    """Basis tracking (lore_jax extension): ``Y = mean_i H_i Q`` (all-reduce, ``a x r``),
+    ``T = qr(Y).Q``, ``U = [T, completion]`` with the old basis supplying the complement
+    (:func:`lore_jax.subspace.complete_basis`)."""
+    ys = collectives.pmean([x @ q for x, q in zip(xs, factor, strict=True)], cfg.axis_name)
+
+    def tracked(y, u_prev):
+        return subspace.complete_basis(subspace.orthonormal_columns(y), u_prev)
+
+    return [_one_matrix_at_a_time(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
+
+
+def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array
+            ) -> tuple[list[jax.Array], list[jax.Array | None]]:
+    """All-reduce #1: the averaged signed probe scores ``lam`` ``(num_probes, k, a)`` per
+    group, and the coordinates ``Z = U^T H`` where they were computed (independent probes)."""
+    def draw(gi, shape):
+        return jax.random.normal(jax.random.fold_in(key, gi), (cfg.num_probes,) + shape,
+                                 jnp.float32)
+
+    if cfg.probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
+        zs = [subspace.coordinates(u, x) for u, x in zip(basis, xs, strict=True)]
+        lams = [subspace.probe_scores(z, draw(gi, z.shape)) for gi, z in enumerate(zs)]
+    else:                             # lam = U^T (H v): O(ab + a^2), no Z
+        zs = [None] * len(xs)
+        lams = [subspace.shared_probe_scores(u, x, draw(gi, x.shape[:-2] + x.shape[-1:]))
+                for gi, (u, x) in enumerate(zip(basis, xs, strict=True))]
+    return collectives.pmean(lams, cfg.axis_name), zs
+
+
+def _select(cfg: _Config, group: _Group, score: jax.Array) -> jax.Array:
+    """``J = top_r(score)``: ``(k, r)`` directions per matrix, or with
+    ``allocation="group"`` ``(k r,)`` flat indices ``m a + j`` over the whole group."""
+    if cfg.allocation == "matrix":
+        return subspace.greedy_select(score, group.rank)
+    return subspace.greedy_select(score.reshape(-1), group.k * group.rank)
+
+
+def _payload(cfg: _Config, u: jax.Array, x: jax.Array, z: jax.Array | None,
+             sel: jax.Array) -> jax.Array:
+    """``R_i = U[:, J]^T H_i``: ``(k, r, b)``, or ``(k r, b)`` rows with group allocation."""
+    if cfg.allocation == "matrix":
+        return (subspace.take_rows(z, sel) if z is not None
+                else subspace.coordinates(subspace.take_columns(u, sel), x))
+    z = subspace.coordinates(u, x) if z is None else z
+    return jnp.take(z.reshape(-1, z.shape[-1]), sel, axis=0, mode="clip")
+
+
+def _scatter_rows(u: jax.Array, r: jax.Array, sel: jax.Array) -> jax.Array:
+    """``(k a, b)``: the rows ``r`` at the flat indices ``sel``, zero elsewhere."""
+    k, a = u.shape[0], u.shape[-1]
+    return jnp.zeros((k * a, r.shape[-1]), r.dtype).at[sel].set(r, mode="drop")
+
+
+def _reconstruct(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array) -> jax.Array:
+    """``U[:, J] R``: ``(k, a, b)``."""
+    if cfg.allocation == "matrix":
+        return subspace.reconstruct(subspace.take_columns(u, sel), r)
+    zsel = _scatter_rows(u, r, sel).reshape(u.shape[0], u.shape[-1], r.shape[-1])
+    return subspace.coordinates(jnp.swapaxes(u, -1, -2), zsel)   # U @ Zsel
+
+
+def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
+                 sel: jax.Array, score: jax.Array, q_prev: jax.Array) -> jax.Array:
+    """The tracking factor ``Q`` ``(k, b, r)`` for the next step: ``R_bar^T``, the averaged
+    payload (PowerSGD's warm start). With group allocation, per matrix the rows of its
+    ``r`` best-scored directions, and the previous column where such a row was not sent."""
+    if cfg.allocation == "matrix":
+        return jnp.swapaxes(r_bar, -1, -2)
+    k, a = group.k, group.a
+    best = subspace.greedy_select(score, group.rank) + (jnp.arange(k) * a)[:, None]  # (k, r)
+    rows = _scatter_rows(u, r_bar, sel)[best]                                      # (k, r, b)
+    sent = jnp.zeros((k * a,), bool).at[sel].set(True, mode="drop")[best]
+    return jnp.swapaxes(jnp.where(sent[..., None], rows, jnp.swapaxes(q_prev, -1, -2)), -1, -2)
+
+
+def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
+                      factor: tuple, key: jax.Array, track: bool) -> _Phase:
+    """A compressed step: (track the basis), score, select greedily, send ``R``.
+
+    ``lam = mean_i lam_i`` (all-reduce #1), ``J = top_r(mean_p lam^2)``, ``R_i = U[:,
+    J]^T H_i``, ``out = U[:, J] mean_i R_i`` (all-reduce #2), local reconstruction
+    ``U[:, J] R_i`` for the error feedback.
+    """
+    basis = _track_basis(cfg, xs, basis, factor) if track else list(basis)
+    lams, zs = _scores(cfg, xs, basis, key)
+    scores = [jnp.mean(lam * lam, axis=0) for lam in lams]           # square after averaging
+    sels = [_select(cfg, g, s_) for g, s_ in zip(plan.groups, scores, strict=True)]
+    rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(basis, xs, zs, sels, strict=True)]
+    c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, rs, sels, strict=True)]
+    r_bar = collectives.pmean(rs, cfg.axis_name)
+    c_bar = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, r_bar, sels, strict=True)]
+    if cfg.tracking != "off":
+        factor = tuple(_next_factor(cfg, g, u, r, j, s_, q) for g, u, r, j, s_, q in zip(
+            plan.groups, basis, r_bar, sels, scores, factor, strict=True))
+    return _Phase(c_local, c_bar, tuple(basis), factor)
+
+
+def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, ...]:
+    """Per-device payload bits of a (warm-up, refresh, compressed, tracked) step, then
+    the dense baseline."""
     dense_leaf_bits = sum(
         accounting.bits_of(np.shape(x), x.dtype)
         for x, g in zip(leaves, plan.group_of, strict=True)
         if g < 0
     )
-    dense_groups = sum(g.k * g.a * g.b * 32 for g in plan.groups)
-    comp_groups = sum(g.k * (num_probes * g.a + g.rank * g.b) * 32 for g in plan.groups)
+    dense = dense_leaf_bits + sum(g.k * g.a * g.b * 32 for g in plan.groups)
+    compressed = dense_leaf_bits + sum(g.k * (num_probes * g.a + g.rank * g.b) * 32
+                                       for g in plan.groups)
+    tracked = compressed + sum(g.k * g.a * g.rank * 32 for g in plan.groups)
     baseline = sum(accounting.bits_of(np.shape(x), x.dtype) for x in leaves)
-    return dense_leaf_bits + dense_groups, dense_leaf_bits + comp_groups, baseline
+    return dense, dense, compressed, tracked, baseline
+
+
+def _check_options(rank, update_interval, warmup_steps, min_compression_rate, num_probes,
+                   probes, refresh, refresh_iters, tracking, track_every, allocation) -> None:
+    """Raises a ValueError naming the first bad argument of :func:`greedylore`."""
+    def is_int(v):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+    if not is_int(rank) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    if not is_int(update_interval) or update_interval < 1:
+        raise ValueError(
+            f"update_interval must be an integer >= 1 (steps between basis refreshes), "
+            f"got {update_interval!r}."
+        )
+    if not is_int(warmup_steps) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+    if not (isinstance(min_compression_rate, (int, float)) and min_compression_rate >= 0):
+        raise ValueError(
+            f"min_compression_rate must be a number >= 0, got {min_compression_rate!r}."
+        )
+    if not is_int(num_probes) or num_probes < 1:
+        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
+    if probes not in PROBE_KINDS:
+        raise ValueError(
+            f"probes={probes!r} is not supported; use 'independent' (one Gaussian probe per "
+            f"basis direction, the paper's) or 'shared' (one per matrix, cheaper)."
+        )
+    if refresh not in REFRESH_METHODS:
+        raise ValueError(
+            f"refresh={refresh!r} is not supported; use 'svd' or 'subspace_iteration'."
+        )
+    if not is_int(refresh_iters) or refresh_iters < 1:
+        raise ValueError(f"refresh_iters must be an integer >= 1, got {refresh_iters!r}.")
+    if tracking not in TRACKING_KINDS:
+        raise ValueError(
+            f"tracking={tracking!r} is not supported; use 'off' (the paper's: the basis "
+            f"changes only at refreshes) or 'power' (one a x r power step per compressed "
+            f"step)."
+        )
+    if not is_int(track_every) or track_every < 1:
+        raise ValueError(f"track_every must be an integer >= 1 (compressed steps between "
+                         f"tracking rounds), got {track_every!r}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"allocation={allocation!r} is not supported; use 'matrix' (the paper's: r "
+            f"directions per matrix) or 'group' (k r directions shared by a group's k "
+            f"same-shape matrices, by score)."
+        )
 
 
 def greedylore(
@@ -294,6 +523,9 @@ def greedylore(
     probes: Probes = "independent",
     refresh: Refresh = "svd",
     refresh_iters: int = 1,
+    tracking: Tracking = "off",
+    track_every: int = 1,
+    allocation: Allocation = "matrix",
 ) -> optax.GradientTransformationExtraArgs:
     """GreedyLore gradient compression: mean of greedy top-r projections, with EF.
 
@@ -323,6 +555,14 @@ def greedylore(
       refresh: ``"svd"`` (exact, the paper's) or ``"subspace_iteration"`` (fast, warm
         started; lore_jax extension).
       refresh_iters: power iterations of the fast refresh.
+      tracking: ``"off"`` (the paper's: the basis changes only at refreshes) or
+        ``"power"`` (lore_jax extension: every ``track_every``-th compressed step first
+        moves the basis by one power step warm-started from the last averaged factor, one
+        more ``a x r`` all-reduce; see the module docstring).
+      track_every: compressed steps between tracking rounds (1: every one).
+      allocation: ``"matrix"`` (the paper's: ``r`` directions per matrix) or ``"group"``
+        (lore_jax extension: a group of ``k`` same-shape matrices selects its ``k r``
+        best-scored directions over all of its matrices).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(updates, state, params=None)``
@@ -345,37 +585,14 @@ def greedylore(
       >>> grads = jax.tree.map(jnp.ones_like, params)
       >>> updates, state = tx.update(grads, state, params)
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
-    if (isinstance(update_interval, bool) or not isinstance(update_interval, (int, np.integer))
-            or update_interval < 1):
-        raise ValueError(
-            f"update_interval must be an integer >= 1 (steps between basis refreshes), "
-            f"got {update_interval!r}."
-        )
-    if not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+    _check_options(rank, update_interval, warmup_steps, min_compression_rate, num_probes,
+                   probes, refresh, refresh_iters, tracking, track_every, allocation)
     mode = ef.validate(error_feedback)
-    if not (isinstance(min_compression_rate, (int, float)) and min_compression_rate >= 0):
-        raise ValueError(
-            f"min_compression_rate must be a number >= 0, got {min_compression_rate!r}."
-        )
-    if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
-        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
-    if probes not in PROBE_KINDS:
-        raise ValueError(
-            f"probes={probes!r} is not supported; use 'independent' (one Gaussian probe per "
-            f"basis direction, the paper's) or 'shared' (one per matrix, cheaper)."
-        )
-    if refresh not in REFRESH_METHODS:
-        raise ValueError(
-            f"refresh={refresh!r} is not supported; use 'svd' or 'subspace_iteration'."
-        )
-    if not isinstance(refresh_iters, (int, np.integer)) or refresh_iters < 1:
-        raise ValueError(f"refresh_iters must be an integer >= 1, got {refresh_iters!r}.")
     collectives.check_axis_name(axis_name, "greedylore")
     base_key = collectives.as_key(key)
-    rank, tau, t0 = int(rank), int(update_interval), int(warmup_steps)
+    rank = int(rank)
+    cfg = _Config(mode, axis_name, int(warmup_steps), int(update_interval), int(num_probes),
+                  probes, refresh, int(refresh_iters), tracking, int(track_every), allocation)
 
     def plan_for(tree):
         leaves = jax.tree.leaves(tree)
@@ -387,7 +604,7 @@ def greedylore(
     def init_fn(params):
         plan = plan_for(params)
         leaves = jax.tree.leaves(params)
-        basis, error, tracker = [], [], []
+        basis, error, tracker, factor = [], [], [], []
         for g in plan.groups:
             shard = leaves[g.leaves[0]]   # its state varies over the mesh axes it does
             eye = jnp.broadcast_to(jnp.eye(g.a, dtype=jnp.float32), (g.k, g.a, g.a))
@@ -398,12 +615,16 @@ def greedylore(
             if ef.has_global(mode):
                 tracker.append(collectives.vary_like(
                     jnp.zeros((g.k, g.a, g.b), jnp.float32), shard, axis_name))
+            if tracking != "off":   # set by the first refresh, which precedes every tracking
+                factor.append(collectives.vary_like(
+                    jnp.zeros((g.k, g.b, g.rank), jnp.float32), shard, axis_name))
         return GreedyLoreState(
             count=jnp.zeros([], jnp.int32),
             key=base_key,
             basis=tuple(basis),
             error=tuple(error),
             tracker=tuple(tracker),
+            factor=tuple(factor),
             bits_sent=accounting.zero_counter(),
             bits_dense=accounting.zero_counter(),
             nonfinite_steps=jnp.zeros([], jnp.int32),
@@ -421,7 +642,7 @@ def greedylore(
         dense_idx = [i for i, g in enumerate(plan.group_of) if g < 0]
         dense_out = collectives.pmean([leaves[i] for i in dense_idx], axis_name)
 
-        # Compressible leaves: oriented, float32, stacked per group: (k, a, b).
+        # Compressible leaves: oriented, float32, stacked per group: (k, a, b); H = g + E.
         grads = [
             jnp.concatenate([subspace.to_matrices(leaves[i], plan.views[i]) for i in g.leaves])
             for g in plan.groups
@@ -430,81 +651,23 @@ def greedylore(
         trackers = list(state.tracker) if ef.has_global(mode) else [None] * len(grads)
         xs = [ef.compress_input(mode, g, e) for g, e in zip(grads, errors, strict=True)]
 
-        def finish(c_local, c_bar, basis):
-            new_e = [ef.local_update(mode, e, x, c)
-                     for e, x, c in zip(errors, xs, c_local, strict=True)]
-            outs, new_h = [], []
-            for h, c in zip(trackers, c_bar, strict=True):
-                out, h = ef.output(mode, h, c)
-                outs.append(out)
-                new_h.append(h)
-            return outs, list(basis), new_e, new_h
+        phase = _phase_index(cfg, state.count)
+        step_key = jax.random.fold_in(state.key, state.count)
+        first = state.count == cfg.warmup_steps
+        branches = [
+            lambda b, f: _dense_phase(cfg, plan, xs, b, f),
+            lambda b, f: _refresh_phase(cfg, plan, xs, b, f, first),
+            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=False),
+            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=True),
+        ]
+        out = jax.lax.switch(phase, branches if tracking != "off" else branches[:3],
+                             state.basis, state.factor)
 
-        def dense_step(with_svd):
-            def step(basis):
-                # A dense step is the identity compressor: EF14 memory resets, EF21
-                # trackers become exact, and Hbar = mean(g + E) is sent (spec pitfall 6).
-                c_bar = collectives.pmean(xs, axis_name)
-                if with_svd:
-                    if refresh == "svd":
-                        basis = [_stacked_refresh(_exact_refresh, h, u)
-                                 for h, u in zip(c_bar, basis, strict=True)]
-                    else:
-                        basis = [
-                            jax.lax.cond(
-                                state.count == t0,
-                                lambda h, u: _stacked_refresh(_exact_refresh, h, u),
-                                lambda h, u, g=g: _stacked_refresh(
-                                    lambda m, v: subspace.subspace_iteration_basis(
-                                        m, v, g.rank, refresh_iters)[0], h, u),
-                                h, u,
-                            )
-                            for h, u, g in zip(c_bar, basis, plan.groups, strict=True)
-                        ]
-                return finish(xs, c_bar, basis)
-            return step
-
-        def compressed_step(basis):
-            step_key = jax.random.fold_in(state.key, state.count)
-
-            def draw(gi, shape):
-                return jax.random.normal(jax.random.fold_in(step_key, gi),
-                                         (num_probes,) + shape, jnp.float32)
-
-            if probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
-                zs = [subspace.coordinates(u, x) for u, x in zip(basis, xs, strict=True)]
-                lams = [subspace.probe_scores(z, draw(gi, z.shape))
-                        for gi, z in enumerate(zs)]
-            else:                         # lam = U^T (H v): O(ab + a^2), no Z
-                lams = [subspace.shared_probe_scores(u, x, draw(gi, x.shape[:-2] + x.shape[-1:]))
-                        for gi, (u, x) in enumerate(zip(basis, xs, strict=True))]
-            lams = collectives.pmean(lams, axis_name)                   # all-reduce #1
-            idx = [subspace.greedy_select(jnp.mean(lam * lam, axis=0), g.rank)
-                   for lam, g in zip(lams, plan.groups, strict=True)]
-            ps = [subspace.take_columns(u, j) for u, j in zip(basis, idx, strict=True)]
-            if probes == "independent":
-                rs = [subspace.take_rows(z, j) for z, j in zip(zs, idx, strict=True)]
-            else:
-                rs = [subspace.coordinates(p, x) for p, x in zip(ps, xs, strict=True)]
-            c_local = [subspace.reconstruct(p, r) for p, r in zip(ps, rs, strict=True)]
-            r_bar = collectives.pmean(rs, axis_name)                    # all-reduce #2
-            c_bar = [subspace.reconstruct(p, r) for p, r in zip(ps, r_bar, strict=True)]
-            return finish(c_local, c_bar, basis)
-
-        t = state.count
-        phase = jnp.where(t < t0, _WARMUP,
-                          jnp.where((t - t0) % tau == 0, _REFRESH, _COMPRESSED))
-        outs, new_basis, new_e, new_h = jax.lax.switch(
-            phase, [dense_step(False), dense_step(True), compressed_step], list(state.basis))
-
-        # Unstack, un-orient and restore dtypes.
-        out_leaves: list[Any] = [None] * len(leaves)
-        for i, x in zip(dense_idx, dense_out, strict=True):
-            out_leaves[i] = x
-        for g, out in zip(plan.groups, outs, strict=True):
-            parts = jnp.split(out, np.cumsum(g.counts)[:-1]) if len(g.counts) > 1 else [out]
-            for i, m in zip(g.leaves, parts, strict=True):
-                out_leaves[i] = subspace.from_matrices(m, plan.views[i], leaves[i].dtype)
+        new_e = [ef.local_update(mode, e, x, c)
+                 for e, x, c in zip(errors, xs, out.c_local, strict=True)]
+        pairs = [ef.output(mode, h, c) for h, c in zip(trackers, out.c_bar, strict=True)]
+        outs, new_h = [o for o, _ in pairs], [h for _, h in pairs]
+        out_leaves = _unstack(plan, leaves, dense_idx, dense_out, outs)
         finite = collectives.agree(
             jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves])),
             collectives.model_axes(updates, axis_name))
@@ -512,16 +675,16 @@ def greedylore(
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-        dense_bits, comp_bits, baseline_bits = _phase_bits(plan, leaves, num_probes)
-        sent_options = jnp.stack([accounting.add_bits(state.bits_sent, b)
-                                  for b in (dense_bits, dense_bits, comp_bits)])
+        *phase_bits, baseline_bits = _phase_bits(plan, leaves, num_probes)
+        sent_options = jnp.stack([accounting.add_bits(state.bits_sent, b) for b in phase_bits])
         new_state = GreedyLoreState(
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
             key=state.key,
-            basis=keep(tuple(new_basis), state.basis),
+            basis=keep(out.basis, state.basis),
             error=keep(tuple(e[None] for e in new_e), state.error)
             if ef.has_local(mode) else (),
             tracker=keep(tuple(new_h), state.tracker) if ef.has_global(mode) else (),
+            factor=keep(out.factor, state.factor),
             bits_sent=sent_options[phase],
             bits_dense=accounting.add_bits(state.bits_dense, baseline_bits),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
@@ -529,3 +692,16 @@ def greedylore(
         return jax.tree.unflatten(treedef, out_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unstack(plan: _Plan, leaves: list[Any], dense_idx: list[int], dense_out: list[Any],
+             outs: list[jax.Array]) -> list[Any]:
+    """The output leaves: dense means as they are, groups unstacked, un-oriented, recast."""
+    out_leaves: list[Any] = [None] * len(leaves)
+    for i, x in zip(dense_idx, dense_out, strict=True):
+        out_leaves[i] = x
+    for g, out in zip(plan.groups, outs, strict=True):
+        parts = jnp.split(out, np.cumsum(g.counts)[:-1]) if len(g.counts) > 1 else [out]
+        for i, m in zip(g.leaves, parts, strict=True):
+            out_leaves[i] = subspace.from_matrices(m, plan.views[i], leaves[i].dtype)
+    return out_leaves

@@ -275,17 +275,9 @@ def subspace_iteration_basis(
     Rayleigh-Ritz rotation (an eigendecomposition of the small ``p x p`` Gram matrix
     ``(Q^T H)(Q^T H)^T``) that orders them by captured energy: the new block ``T``.
 
-    The rest of the basis is completed without an ``O(a^3)`` factorization. In the old
-    basis's coordinates the new block is ``C = U_prev^T T`` (``a x p``, orthonormal
-    columns); rotate its columns, ``C' = C O``, so that its top ``p x p`` block ``C1'`` is
-    symmetric positive semidefinite (``O`` from the SVD of ``C_1``). The block reflector
-    ``F = I - (E + C') (I + C1')^{-1} (E + C')^T``, ``E = [I_p; 0]``, is symmetric and
-    orthogonal and maps ``E`` to ``-C'``, so its last ``a - p`` columns span the complement
-    of ``C``, and ``U_prev F[:, p:]`` completes ``T``. ``I + C1'`` has eigenvalues in
-    ``[1, 2]`` whatever ``T`` is, so the completion is orthogonal to ``T`` to rounding even
-    when ``T`` meets the old trailing span (a low-rank or zero gradient); it equals the old
-    trailing columns when ``span(T) = span(U_prev[:, :p])`` and moves by ``O(||C_2||)``
-    under slow drift. A complete basis keeps the greedy selection contractive.
+    The rest of the basis is completed without an ``O(a^3)`` factorization, by the block
+    reflector of :func:`complete_basis` (the old basis supplies the complement); a complete
+    basis keeps the greedy selection contractive.
 
     Cost ``O(iters * a * b * p + a^2 * p)`` against ``O(a^2 b)`` (with a much larger
     constant) for a full SVD.
@@ -315,17 +307,44 @@ def subspace_iteration_basis(
     s = jnp.sqrt(jnp.maximum(evals, 0.0))
     top = q @ w                                              # (..., a, p) Ritz vectors
     if p < a:
-        c = jnp.swapaxes(u_prev, -1, -2) @ top               # (..., a, p) = C
-        left, sig, right_t = jnp.linalg.svd(c[..., :p, :])  # C_1 = A diag(sig) B^T
-        c_rot = c @ (jnp.swapaxes(right_t, -1, -2) @ jnp.swapaxes(left, -1, -2))  # C' = C B A^T
-        m_inv = (left / (1.0 + sig)[..., None, :]) @ jnp.swapaxes(left, -1, -2)  # (I + C1')^-1
-        w = u_prev[..., :p] + u_prev @ c_rot                 # U_prev (E + C')
-        rest = u_prev[..., p:] - (w @ m_inv) @ jnp.swapaxes(c_rot[..., p:, :], -1, -2)
-        u = jnp.concatenate([top, rest], axis=-1)
         s = jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (a - p,), s.dtype)], axis=-1)
-    else:
-        u = top
-    return fix_signs(u), s
+    return fix_signs(complete_basis(top, u_prev)), s
+
+
+def complete_basis(top: jax.Array, u_prev: jax.Array) -> jax.Array:
+    """A complete orthonormal basis whose first ``p`` columns are ``top``.
+
+    The block-reflector completion of :func:`subspace_iteration_basis`: in the old
+    basis's coordinates ``top`` is ``C = U_prev^T T`` (``a x p``, orthonormal columns);
+    with ``O`` from the SVD of its top block ``C_1``, ``C' = C O`` has a symmetric
+    positive semidefinite top block ``C1'``, and the reflector ``F = I - (E + C') (I +
+    C1')^{-1} (E + C')^T`` (``E = [I_p; 0]``) maps ``E`` to ``-C'``, so ``U_prev F[:, p:]``
+    spans the complement of ``T``. It equals ``U_prev[:, p:]`` when ``span(T) =
+    span(U_prev[:, :p])`` and moves by ``O(||C_2||)`` under slow drift; ``I + C1'`` has
+    eigenvalues in ``[1, 2]``, so it is orthogonal to ``T`` to rounding for any ``T``.
+
+    Args:
+      top: ``(..., a, p)`` float32 orthonormal columns, ``p <= a``.
+      u_prev: ``(..., a, a)`` complete orthonormal basis.
+
+    Returns:
+      ``(..., a, a)``: ``[top, completion]`` (no sign convention applied).
+    """
+    a, p = top.shape[-2], top.shape[-1]
+    if p == a:
+        return top
+    c = jnp.swapaxes(u_prev, -1, -2) @ top                   # (..., a, p) = C
+    left, sig, right_t = jnp.linalg.svd(c[..., :p, :])       # C_1 = A diag(sig) B^T
+    c_rot = c @ (jnp.swapaxes(right_t, -1, -2) @ jnp.swapaxes(left, -1, -2))  # C' = C B A^T
+    m_inv = (left / (1.0 + sig)[..., None, :]) @ jnp.swapaxes(left, -1, -2)  # (I + C1')^-1
+    w = u_prev[..., :p] + u_prev @ c_rot                     # U_prev (E + C')
+    rest = u_prev[..., p:] - (w @ m_inv) @ jnp.swapaxes(c_rot[..., p:, :], -1, -2)
+    return jnp.concatenate([top, rest], axis=-1)
+
+
+def orthonormal_columns(y: jax.Array) -> jax.Array:
+    """The Q factor of the reduced QR of each ``(a, p)`` matrix, ``p <= a``: ``(..., a, p)``."""
+    return jnp.linalg.qr(y.astype(jnp.float32))[0]
 
 
 def coordinates(u: jax.Array, h: jax.Array) -> jax.Array:

@@ -7,6 +7,12 @@ transpose if tall), the size gate, and the probe formula (groups of same oriente
 shape numbered by first appearance, probes of step t for group g drawn as
 ``jax.random.normal(fold_in(fold_in(key, t), g), (1, k, a, b))``, or ``(1, k, b)`` for
 shared probes).
+
+The lore_jax extensions are written from the spec in the greedylore module docstring:
+basis tracking (``tracking="power"``: ``Y = mean_i H_i Q``, ``T = qr(Y)``, the old basis
+completes ``T`` through the block reflector ``F``, written here from its formula) and
+group allocation (``allocation="group"``: the group's ``k r`` best scores over all of its
+matrices, ties to the lower flat index ``m a + j``).
 """
 
 from __future__ import annotations
@@ -30,12 +36,33 @@ def _svd_basis(h: np.ndarray) -> np.ndarray:
     return u
 
 
+def _complete(top: np.ndarray, u_prev: np.ndarray) -> np.ndarray:
+    """[T, U_prev F[:, p:]] with F = I - (E + C')(I + C1')^{-1}(E + C')^T (the spec's formula)."""
+    a, p = top.shape
+    if p == a:
+        return top
+    c = u_prev.T @ top
+    left, _, right_t = np.linalg.svd(c[:p])
+    c_rot = c @ right_t.T @ left.T
+    e = np.eye(a)[:, :p]
+    f = np.eye(a) - (e + c_rot) @ np.linalg.inv(np.eye(p) + c_rot[:p]) @ (e + c_rot).T
+    return np.concatenate([top, u_prev @ f[:, p:]], axis=1)
+
+
+def _top(score: np.ndarray, r: int) -> list[int]:
+    return sorted(range(len(score)), key=lambda j: (-score[j], j))[:r]
+
+
 class GreedyLoreReference:
     def __init__(self, params: dict, rank: int, tau: int, t0: int, n: int, key,
-                 ef: str | None = "ef14", rate: float = 2.0, probes: str = "independent"):
+                 ef: str | None = "ef14", rate: float = 2.0, probes: str = "independent",
+                 tracking: str = "off", track_every: int = 1, allocation: str = "matrix",
+                 num_probes: int = 1):
         self.names = sorted(params)  # dict leaves flatten in sorted-key order
         self.rank, self.tau, self.t0, self.n, self.ef, self.key = rank, tau, t0, n, ef, key
         self.shared = probes == "shared"
+        self.tracking, self.track_every, self.allocation = tracking, track_every, allocation
+        self.num_probes = num_probes
         self.t = 0
         self.comp, self.group, self.pos = {}, {}, {}
         shapes: list[tuple[int, int]] = []
@@ -59,60 +86,104 @@ class GreedyLoreReference:
         self.E = {k: np.zeros((n, a, b)) for k, (a, b, _) in self.comp.items()}
         self.h = {k: np.zeros((a, b)) for k, (a, b, _) in self.comp.items()}
         self.U = {k: np.eye(a) for k, (a, _, _) in self.comp.items()}
+        self.Q = {k: np.zeros((b, r)) for k, (_, b, r) in self.comp.items()}
 
     def probes(self, name: str) -> np.ndarray:
         a, b, _ = self.comp[name]
         g = self.group[name]
         k = jax.random.fold_in(jax.random.fold_in(self.key, self.t), g)
-        shape = (1, self.counts[g], b) if self.shared else (1, self.counts[g], a, b)
-        v = jax.random.normal(k, shape)
-        return np.asarray(v, np.float64)[0, self.pos[name]]
+        shape = (self.counts[g], b) if self.shared else (self.counts[g], a, b)
+        v = jax.random.normal(k, (self.num_probes, *shape))
+        return np.asarray(v, np.float64)[:, self.pos[name]]
+
+    def score(self, name: str, xs: list[np.ndarray]) -> np.ndarray:
+        """Mean over probes of the squared device-averaged probe scores, ``(a,)``."""
+        u = self.U[name]
+        lams = []
+        for v in self.probes(name):
+            if self.shared:   # one probe for every direction: lam_j = u_j^T H v
+                lams.append(np.mean([u.T @ (x @ v) for x in xs], axis=0))
+            else:             # one probe per direction: lam_j = <(U^T H)[j], v_j>
+                lams.append(np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0))
+        return np.mean(np.square(lams), axis=0)
+
+    def compressed(self, xs: dict) -> tuple[dict, dict]:
+        """One compressed step of every compressible leaf: (local, mean) reconstructions."""
+        in_cycle = (self.t - self.t0) % self.tau
+        if self.tracking == "power" and (in_cycle - 1) % self.track_every == 0:
+            for name in self.comp:
+                y = np.mean([x @ self.Q[name] for x in xs[name]], axis=0)
+                self.U[name] = _complete(np.linalg.qr(y)[0], self.U[name])
+        scores = {name: self.score(name, xs[name]) for name in self.comp}
+        chosen = {}
+        if self.allocation == "matrix":
+            chosen = {name: _top(scores[name], self.comp[name][2]) for name in self.comp}
+        else:
+            for g in range(len(self.counts)):
+                members = sorted((n for n in self.comp if self.group[n] == g),
+                                 key=lambda n: self.pos[n])
+                a, _, r = self.comp[members[0]]
+                flat = np.concatenate([scores[n] for n in members])
+                picked = _top(flat, len(members) * r)
+                for n in members:
+                    chosen[n] = [f % a for f in picked if f // a == self.pos[n]]
+        c_local, c_bar = {}, {}
+        for name, js in chosen.items():
+            p = self.U[name][:, js]
+            rs = [p.T @ x for x in xs[name]]
+            r_bar = np.mean(rs, axis=0)
+            c_local[name] = [p @ rr for rr in rs]
+            c_bar[name] = p @ r_bar
+            if self.tracking == "power":
+                if self.allocation == "matrix":
+                    self.Q[name] = r_bar.T
+                else:   # rows of its r best-scored directions; the old column if unsent
+                    best = _top(scores[name], self.comp[name][2])
+                    for c, j in enumerate(best):
+                        if j in js:
+                            self.Q[name][:, c] = r_bar[js.index(j)]
+        return c_local, c_bar
 
     def step(self, grads: list[dict]) -> dict:
         """grads: one dict of leaves per device. Returns the output (dict of leaves)."""
         t, out = self.t, {}
+        xs, views_tall = {}, {}
         for name in self.names:
             gs = [np.asarray(g[name], np.float64) for g in grads]
             if name not in self.comp:
                 out[name] = np.mean(gs, axis=0)
                 continue
             views = [_view(g)[0] for g in gs]
-            tall = _view(gs[0])[1]
-            a, b, r = self.comp[name]
+            views_tall[name] = (_view(gs[0])[1], gs[0].shape)
             if self.ef == "ef14":
-                xs = [v + self.E[name][i] for i, v in enumerate(views)]
+                xs[name] = [v + self.E[name][i] for i, v in enumerate(views)]
             elif self.ef == "ef21":
-                xs = [v - self.E[name][i] for i, v in enumerate(views)]
+                xs[name] = [v - self.E[name][i] for i, v in enumerate(views)]
             else:
-                xs = views
-            if t < self.t0 or (t - self.t0) % self.tau == 0:
-                hbar = np.mean(xs, axis=0)
+                xs[name] = views
+        if t < self.t0 or (t - self.t0) % self.tau == 0:
+            c_local, c_bar = {}, {}
+            for name in self.comp:
+                hbar = np.mean(xs[name], axis=0)
                 if t >= self.t0:
                     self.U[name] = _svd_basis(hbar)
-                c_local, c_bar = xs, hbar
-            else:
-                u = self.U[name]
-                v = self.probes(name)
-                if self.shared:   # one probe for every direction: lam_j = u_j^T H v
-                    lam = np.mean([u.T @ (x @ v) for x in xs], axis=0)
-                else:             # one probe per direction: lam_j = <(U^T H)[j], v_j>
-                    lam = np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0)
-                score = lam ** 2
-                order = sorted(range(a), key=lambda j: (-score[j], j))[:r]
-                p = u[:, order]
-                rs = [p.T @ x for x in xs]
-                c_local = [p @ rr for rr in rs]
-                c_bar = p @ np.mean(rs, axis=0)
+                    self.Q[name] = hbar.T @ self.U[name][:, :self.comp[name][2]]
+                c_local[name], c_bar[name] = xs[name], hbar
+        else:
+            c_local, c_bar = self.compressed(xs)
+        for name in self.comp:
             if self.ef == "ef14":
-                self.E[name] = np.stack([x - c for x, c in zip(xs, c_local, strict=True)])
-                res = c_bar
+                self.E[name] = np.stack([x - c for x, c in zip(xs[name], c_local[name],
+                                                                strict=True)])
+                res = c_bar[name]
             elif self.ef == "ef21":
-                self.E[name] = self.E[name] + np.stack(c_local)
-                self.h[name] = self.h[name] + c_bar
+                self.E[name] = self.E[name] + np.stack(c_local[name])
+                self.h[name] = self.h[name] + c_bar[name]
                 res = self.h[name]
             else:
-                res = c_bar
+                res = c_bar[name]
+            tall, shape = views_tall[name]
             res = res.T if tall else res
-            out[name] = res.reshape(gs[0].shape)
+            out[name] = res.reshape(shape)
         self.t += 1
         return out

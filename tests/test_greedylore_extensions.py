@@ -1,0 +1,148 @@
+"""Tests of GreedyLore's lore_jax extensions: basis tracking and group allocation.
+
+Each is checked against the NumPy reference (tests/greedylore_reference.py, written from
+the module docstring's spec), the dense mean at full rank, the telescoping invariant of
+EF14, the contraction bound with a stale basis, and the compiled HLO's payload.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from greedylore_reference import GreedyLoreReference
+from helpers import init_and_step, put
+from test_greedylore import N, device_grads, make_params, unoriented_mean_error
+
+import lore_jax
+from lore_jax import accounting
+
+TRACKED = dict(tracking="power")
+GROUPED = dict(allocation="group")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tracking="svd"), "tracking"),
+    (dict(track_every=0), "track_every"),
+    (dict(allocation="model"), "allocation"),
+])
+def test_bad_extension_arguments_name_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lore_jax.greedylore(2, **kwargs)
+
+
+@pytest.mark.parametrize("error_feedback, options", [
+    ("ef14", dict(tracking="power")),
+    ("ef14", dict(tracking="power", allocation="group", probes="shared", num_probes=2)),
+    ("ef21", dict(tracking="power", track_every=2, allocation="group")),
+    (None, dict(allocation="group")),
+])
+def test_matches_numpy_reference_step_by_step(mesh, error_feedback, options):
+    rng = np.random.default_rng(11)
+    params = make_params(rng)
+    key = jax.random.PRNGKey(3)
+    tx = lore_jax.greedylore(2, update_interval=5, warmup_steps=1, min_compression_rate=1.5,
+                             error_feedback=error_feedback, key=key, **options)
+    ref = GreedyLoreReference(params, 2, 5, 1, N, key, ef=error_feedback, rate=1.5,
+                              **options)
+    state, step = init_and_step(tx, params, mesh)
+    for t in range(12):   # warm-up, two refreshes, tracked and untracked compressed steps
+        g = device_grads(rng, params)
+        out, state = step(put(g, mesh), state)
+        expect = ref.step([{k: v[i] for k, v in g.items()} for i in range(N)])
+        for k in params:
+            np.testing.assert_allclose(out[k], expect[k], rtol=2e-3, atol=2e-4,
+                                       err_msg=f"step {t}, leaf {k}")
+
+
+def test_full_rank_reproduces_dense_mean_every_step(mesh):
+    rng = np.random.default_rng(12)
+    params = make_params(rng)
+    tx = lore_jax.greedylore(16, update_interval=4, min_compression_rate=0.0,
+                             **TRACKED, **GROUPED)
+    state, step = init_and_step(tx, params, mesh)
+    for _ in range(6):
+        g = device_grads(rng, params)
+        out, state = step(put(g, mesh), state)
+        for k in params:
+            np.testing.assert_allclose(out[k], g[k].mean(0), rtol=2e-4, atol=3e-5)
+
+
+def test_telescoping_invariant_with_tracking_and_group_allocation(mesh):
+    """sum_t out_t = sum_t mean_i g_i^t - mean_i E_i^T holds for the extensions too."""
+    rng = np.random.default_rng(13)
+    params = make_params(rng)
+    tx = lore_jax.greedylore(2, update_interval=10 ** 6, min_compression_rate=1.5,
+                             **TRACKED, **GROUPED)
+    state, step = init_and_step(tx, params, mesh)
+    sum_out = {k: np.zeros(v.shape) for k, v in params.items()}
+    sum_mean = {k: np.zeros(v.shape) for k, v in params.items()}
+    for _ in range(30):
+        g = device_grads(rng, params)
+        out, state = step(put(g, mesh), state)
+        for k in params:
+            sum_out[k] += np.asarray(out[k], np.float64)
+            sum_mean[k] += g[k].astype(np.float64).mean(0)
+    err = unoriented_mean_error(state, params, 2, 1.5)
+    for k in params:
+        np.testing.assert_allclose(sum_out[k], sum_mean[k] - err.get(k, 0.0), rtol=1e-4,
+                                   atol=3e-4, err_msg=k)
+        if k in err:
+            assert np.linalg.norm(err[k]) > 0.1
+
+
+@pytest.mark.parametrize("options", [TRACKED, GROUPED, {**TRACKED, **GROUPED}])
+def test_compressed_step_contracts_in_expectation_with_stale_basis(options):
+    """One compressed step from a basis and factor unrelated to the gradients:
+    E||C(x) - x||^2 <= (1 - r/a)||x||^2 over the group (spec section 2.2)."""
+    rng = np.random.default_rng(0)
+    k, a, b, rank = 3, 16, 40, 4
+    basis = np.stack([np.linalg.qr(rng.standard_normal((a, a)))[0] for _ in range(k)])
+    factor = rng.standard_normal((k, b, rank))
+    x = rng.standard_normal((k, a, b)) * np.linspace(3, 0.1, a)[:, None]
+    x[0] *= 4.0                                      # unequal energies across the group
+    params = {f"w{i}": jnp.zeros((a, b)) for i in range(k)}
+    grads = {f"w{i}": jnp.asarray(x[i], jnp.float32) for i in range(k)}
+
+    def one_step(key):
+        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, axis_name=None,
+                                 **options)
+        state = tx.init(params)
+        state = state._replace(basis=(jnp.asarray(basis, jnp.float32),),
+                               factor=(jnp.asarray(factor, jnp.float32),) * bool(state.factor),
+                               count=jnp.ones([], jnp.int32))   # past the first refresh
+        out, _ = tx.update(grads, state)
+        err = sum(jnp.sum((out[n] - grads[n]) ** 2) for n in grads)
+        return err / np.sum(x ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 300)
+    ratios = np.asarray(jax.jit(jax.vmap(one_step))(keys))
+    assert ratios.mean() + 3 * ratios.std() / np.sqrt(len(ratios)) <= 1 - rank / a
+    assert ratios.max() <= 1 + 1e-5
+
+
+def test_compiled_hlo_all_reduces_exactly_the_reported_payload(mesh):
+    """The tracked branch adds exactly one a x r float32 all-reduce per matrix."""
+    rng = np.random.default_rng(14)
+    params = make_params(rng)
+    tx = lore_jax.greedylore(2, update_interval=6, warmup_steps=1, min_compression_rate=1.5,
+                             track_every=2, **TRACKED, **GROUPED)
+    state, step = init_and_step(tx, params, mesh)
+    g = put(device_grads(rng, params), mesh)
+    text = step.lower(g, state).compile().as_text()
+    cols = accounting.hlo_collectives(text)
+    (branches,) = accounting.hlo_conditional_branches(text)
+    bits = [sum(c["bits"] for c in cols if c["computation"] == b) for b in branches]
+    outside = sum(c["bits"] for c in cols if c["computation"] not in branches)
+    groups = [(2, 6, 10), (1, 4, 18), (1, 8, 12)]   # (k, a, b), r = 2
+    assert outside == (10 + 12) * 32
+    assert bits[0] == bits[1] == sum(k * a * b * 32 for k, a, b in groups)
+    assert bits[2] == sum(k * (a + 2 * b) * 32 for k, a, b in groups)
+    assert bits[3] == bits[2] + sum(k * a * 2 * 32 for k, a, b in groups)
+    # warm-up, refresh, then compressed steps 1..5 of the cycle: tracked on 1, 3, 5.
+    expected = [0, 1, 3, 2, 3, 2, 3]
+    for phase in expected:
+        before = accounting.counter_value(state.bits_sent)
+        _, state = step(g, state)
+        assert accounting.counter_value(state.bits_sent) - before == outside + bits[phase]
