@@ -323,14 +323,25 @@ def training_available() -> bool:
 
 def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
               batch_size: int, model: str | None = None, seed: int = 0, seq_len: int = 32,
-              hidden: Sequence[int] = (256, 256), eval_every: int = 0,
-              target: float | None = None, window: int = 10,
+              hidden: Sequence[int] = (256, 256), d_model: int = 64, num_heads: int = 4,
+              num_layers: int = 2, data: str | None = None, eval_every: int = 0,
+              eval_examples: int | None = None, target: float | None = None,
+              target_metric: str = "train", window: int = 10,
               compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains ``task`` with the optax chain ``tx`` (which must average over ``"data"``).
 
     Built from :mod:`lore_jax.training` (data, NNX models, the shard_map train step), with
-    any transform. The loop stops early once the mean training loss over the last
-    ``window`` steps is at most ``target``.
+    any transform. Every ``eval_every`` steps (and at the last) the test loss is measured
+    on :func:`eval_subset` ``(dataset, eval_examples)`` (``None``: the whole test set).
+    The loop stops early once the target is reached: with ``target_metric="train"`` when
+    the mean training loss over the last ``window`` steps is at most ``target``; with
+    ``"test"`` at the first evaluation whose test loss is at most ``target`` (this needs
+    ``eval_every``). Evaluation time is not counted in ``time_to_target``.
+
+    Args:
+      task: a name in :data:`lore_jax.training.tasks.TASKS`; ``data`` its ``--data``.
+      seq_len, hidden, d_model, num_heads, num_layers: the model, as in
+        :func:`task_setup`.
 
     Returns:
       ``losses`` (per step), ``step_times`` (seconds, compilation excluded; each step is
@@ -342,13 +353,16 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
     from jax.sharding import PartitionSpec as P
 
     from lore_jax.training import data as data_lib
-    from lore_jax.training import models, tasks
     from lore_jax.training import step as step_lib
 
-    dataset = tasks.load_data(task, None, seq_len)
-    model = model or tasks.TASKS[task].model
-    apply_fn, params = models.split(tasks.make_model(model, dataset, seed, hidden))
-    params = step_lib.replicate(params, mesh)
+    if target_metric not in ("train", "test"):
+        raise ValueError(f"target_metric must be 'train' or 'test', got {target_metric!r}.")
+    if target is not None and target_metric == "test" and eval_every < 1:
+        raise ValueError(f"a test-loss target needs eval_every >= 1, got {eval_every}.")
+    setup = task_setup(task, mesh, model=model, seed=seed, seq_len=seq_len, hidden=hidden,
+                       d_model=d_model, num_heads=num_heads, num_layers=num_layers, data=data)
+    dataset, apply_fn, params = setup["dataset"], setup["apply"], setup["params"]
+    x_eval, y_eval = eval_subset(dataset, eval_examples)
     opt_state, specs = step_lib.init_optimizer(tx, params, mesh, AXIS)
     train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
     eval_step = step_lib.make_eval_step(apply_fn, dataset.kind, mesh, AXIS)
@@ -386,10 +400,9 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
         out["bits_sent"].append(comm["bits_sent"])
         out["bits_dense"].append(comm["bits_dense"])
         if eval_every and (i % eval_every == 0 or i == steps):
-            m = step_lib.evaluate(eval_step, params, dataset.x_test, dataset.y_test, mesh, AXIS)
+            m = step_lib.evaluate(eval_step, params, x_eval, y_eval, mesh, AXIS)
             out["evals"].append([i, m["loss"]])
-        if target is not None and len(out["losses"]) >= window and \
-                float(np.mean(out["losses"][-window:])) <= target:
+        if target is not None and _reached(out, i, target, target_metric, window):
             out.update(steps_to_target=i, time_to_target=elapsed,
                        bits_to_target=comm["bits_sent"])
             break
@@ -397,15 +410,49 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
     return out
 
 
+def _reached(out: dict[str, Any], step: int, target: float, metric: str, window: int) -> bool:
+    """Whether step ``step`` of a :func:`train_run` reached ``target``."""
+    if metric == "test":
+        return bool(out["evals"]) and out["evals"][-1][0] == step and \
+            out["evals"][-1][1] <= target
+    losses = out["losses"]
+    return len(losses) >= window and float(np.mean(losses[-window:])) <= target
+
+
+def eval_subset(dataset, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` test examples evenly spaced over the test set (all of it when ``n`` is ``None``
+    or at least its size): a fixed subset, so every evaluation sees the same examples.
+
+    On ``lm`` the test windows are the held-out files in order, so the subset spans them.
+    """
+    x, y = dataset.x_test, dataset.y_test
+    if n is None or n >= len(x):
+        return x, y
+    idx = np.linspace(0, len(x) - 1, max(1, n)).round().astype(np.int64)
+    return x[idx], y[idx]
+
+
 def task_setup(task: str, mesh, *, model: str | None = None, seed: int = 0,
-               seq_len: int = 32, hidden: Sequence[int] = (256, 256)) -> dict[str, Any]:
-    """Dataset, pure ``apply`` and replicated parameters of a :mod:`lore_jax.training` task."""
+               seq_len: int = 32, hidden: Sequence[int] = (256, 256), d_model: int = 64,
+               num_heads: int = 4, num_layers: int = 2,
+               data: str | None = None) -> dict[str, Any]:
+    """Dataset, pure ``apply`` and replicated parameters of a :mod:`lore_jax.training` task.
+
+    Args:
+      task, data: the task and its ``--data`` (``None``: the task's default source).
+      model: ``None`` takes the task's.
+      seq_len: tokens per example of ``lm`` and ``charlm``.
+      hidden: the MLP's widths; d_model, num_heads, num_layers: the transformer's size
+        (:func:`lore_jax.training.tasks.make_model`).
+    """
     from lore_jax.training import models, tasks
     from lore_jax.training import step as step_lib
 
-    dataset = tasks.load_data(task, None, seq_len)
+    dataset = tasks.load_data(task, data, seq_len)
     model = model or tasks.TASKS[task].model
-    apply_fn, params = models.split(tasks.make_model(model, dataset, seed, hidden))
+    apply_fn, params = models.create(lambda: tasks.make_model(
+        model, dataset, seed, hidden, d_model=d_model, num_heads=num_heads,
+        num_layers=num_layers))   # one compilation; the same values as eager construction
     return {"dataset": dataset, "apply": apply_fn, "params": step_lib.replicate(params, mesh),
             "model": model}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import bytes_on_wire, overhead, refresh, time_to_target
@@ -99,3 +100,33 @@ def test_time_to_target_bits_and_bandwidth_model(tmp_path):
                 expect = m["compute_s"] + 2 * (n - 1) / n * ar / bw + (n - 1) * (s - ar) / bw
                 assert t == pytest.approx(expect, rel=1e-6), (name, gbps, n)
     assert res["methods"]["powersgd r=4"]["bits_per_step"] < dense["bits_per_step"]
+
+
+def test_train_run_stops_at_a_held_out_lm_target(mesh):
+    """``lm`` with a held-out target: evaluations every 3 steps on a fixed, evenly spaced
+    subset of test windows; the run stops at the first evaluation at or below it."""
+    from benchmarks import common
+    from lore_jax.training import tasks
+
+    tx = optax.chain(common.dense_mean(), optax.adam(3e-3))
+    run = common.train_run("lm", tx, steps=6, mesh=mesh, batch_size=16, seq_len=16,
+                           d_model=16, num_heads=2, num_layers=1, eval_every=3,
+                           eval_examples=64, target=100.0, target_metric="test")
+    assert run["steps_to_target"] == 3 and len(run["losses"]) == 3   # the first evaluation
+    assert [s for s, _ in run["evals"]] == [3] and run["evals"][0][1] < 100.0
+    assert run["bits_to_target"] == run["bits_sent"][2]
+    assert run["num_params"] == (
+        256 * 16 + 16 * 16 + 16 * 48 + 48 + 16 * 16 + 16 + 16 * 64 + 64 + 64 * 16 + 16
+        + 3 * 2 * 16 + 16 * 256 + 256)   # embeddings, one block, 3 LayerNorms, head
+    # Only an evaluation at this step counts, and the training loss does not.
+    out = {"evals": [[3, 2.0]], "losses": [1.0] * 10}
+    assert common._reached(out, 3, 2.0, "test", 10)
+    assert not common._reached(out, 3, 1.9, "test", 10)
+    assert not common._reached(out, 4, 2.5, "test", 10)
+    assert common._reached(out, 4, 1.0, "train", 10)
+    assert not common._reached(out, 4, 1.0, "train", 11)   # fewer steps than the window
+    dataset = tasks.load_data("lm", seq_len=16)
+    x, _ = common.eval_subset(dataset, 64)
+    n = len(dataset.x_test)
+    np.testing.assert_array_equal(x, dataset.x_test[[round(i * (n - 1) / 63)
+                                                     for i in range(64)]])
