@@ -345,34 +345,98 @@ def _refresh_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
     return _Phase(xs, c_bar, basis, factor)
 
 
-def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple) -> list:
-    """Basis tracking (lore_jax extension): ``Y = mean_i H_i Q`` (all-reduce, ``a x r``),
-    ``T = qr(Y).Q``, ``U = [T, completion]`` with the old basis supplying the complement
-    (:func:`lore_jax.subspace.complete_basis`)."""
-    ys = collectives.pmean([x @ q for x, q in zip(xs, factor, strict=True)], cfg.axis_name)
+def _draw_probes(cfg: _Config, key: jax.Array, gi: int, shape: tuple[int, ...]) -> jax.Array:
+    """Probes of group ``gi`` at this step: ``normal(fold_in(key, gi), (num_probes, *shape))``."""
+    return jax.random.normal(jax.random.fold_in(key, gi), (cfg.num_probes,) + shape,
+                             jnp.float32)
+
+
+def _probe_shape(cfg: _Config, x: jax.Array) -> tuple[int, ...]:
+    """``(k, a, b)`` for independent probes, ``(k, b)`` for shared ones."""
+    return x.shape if cfg.probes == "independent" else x.shape[:-2] + x.shape[-1:]
+
+
+def _outside(v: jax.Array, q_hat: jax.Array | None) -> jax.Array:
+    """Probes ``v`` ``(p, k, [a,] b)`` with their component in ``span(Q_hat)`` removed:
+    ``v (I - Q_hat Q_hat^T)``, ``Q_hat`` ``(k, b, r)`` orthonormal; ``v`` itself without one."""
+    if q_hat is None:
+        return v
+    w = v if v.ndim == 4 else v[..., None, :]
+    w = w - (w @ q_hat) @ jnp.swapaxes(q_hat, -1, -2)
+    return w if v.ndim == 4 else w[..., 0, :]
+
+
+class _Tracked(NamedTuple):
+    """What a tracking round gives the scoring, per group."""
+
+    basis: list[jax.Array]           # (k, a, a): [T, completion]
+    q_hat: list[jax.Array]           # (k, b, r): the orthonormalised factor
+    in_span: list[jax.Array]         # (k, a): ||u_j^T Hbar Q_hat||^2, exact
+    lams: list[jax.Array] | None     # shared probes: (p, k, a) averaged scores, else None
+
+
+def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
+                 key: jax.Array) -> _Tracked:
+    """Basis tracking (lore_jax extension), one all-reduce of ``a x r`` floats per matrix.
+
+    ``Q_hat = qr(Q)``, ``Y = mean_i H_i Q_hat``, ``T = qr(Y).Q``, ``U = [T, completion]``
+    with the old basis supplying the complement (:func:`lore_jax.subspace.complete_basis`).
+    ``Y`` also gives every direction's energy inside ``span(Q_hat)`` exactly, ``||u_j^T
+    Y||^2``; with shared probes their outside part ``mean_i H_i v (I - Q_hat Q_hat^T)``
+    (``a`` floats per probe) travels in the same all-reduce.
+    """
+    q_hats = [_one_matrix_at_a_time(subspace.orthonormal_columns, q) for q in factor]
+    sends = [x @ q for x, q in zip(xs, q_hats, strict=True)]
+    if cfg.probes == "shared":
+        vs = [_outside(_draw_probes(cfg, key, gi, _probe_shape(cfg, x)), q)
+              for gi, (x, q) in enumerate(zip(xs, q_hats, strict=True))]
+        sends = [jnp.concatenate([y, x @ jnp.moveaxis(v, 0, -1)], axis=-1)
+                 for y, x, v in zip(sends, xs, vs, strict=True)]
+    means = collectives.pmean(sends, cfg.axis_name)
+    ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
     def tracked(y, u_prev):
         return subspace.complete_basis(subspace.orthonormal_columns(y), u_prev)
 
-    return [_one_matrix_at_a_time(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
+    basis = [_one_matrix_at_a_time(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
+    in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ y), axis=-1)
+               for u, y in zip(basis, ys, strict=True)]
+    lams = None
+    if cfg.probes == "shared":   # lam = U^T (Hbar v'): (p, k, a)
+        lams = [jnp.moveaxis(jnp.swapaxes(m[..., q.shape[-1]:], -1, -2) @ u, -2, 0)
+                for m, q, u in zip(means, q_hats, basis, strict=True)]
+    return _Tracked(basis, q_hats, in_span, lams)
 
 
-def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array
-            ) -> tuple[list[jax.Array], list[jax.Array | None]]:
-    """All-reduce #1: the averaged signed probe scores ``lam`` ``(num_probes, k, a)`` per
-    group, and the coordinates ``Z = U^T H`` where they were computed (independent probes)."""
-    def draw(gi, shape):
-        return jax.random.normal(jax.random.fold_in(key, gi), (cfg.num_probes,) + shape,
-                                 jnp.float32)
+def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
+            tracked: _Tracked | None) -> tuple[list[jax.Array], list[jax.Array | None]]:
+    """Every direction's score ``(k, a)`` and the coordinates ``Z = U^T H`` where they were
+    computed (independent probes).
 
-    if cfg.probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
+    Paper: ``mean_p lam^2`` with ``lam = mean_i lam_i`` (all-reduce #1, ``p a`` floats).
+    After a tracking round: the exact energy inside ``span(Q_hat)`` plus ``mean_p lam^2``
+    of probes restricted to its complement, an unbiased estimate of ``||u_j^T Hbar||^2``
+    whose large in-span part has no variance (shared probes: no extra all-reduce).
+    """
+    q_hats = tracked.q_hat if tracked is not None else [None] * len(xs)
+    zs: list[jax.Array | None] = [None] * len(xs)
+    if tracked is not None and tracked.lams is not None:
+        lams = tracked.lams
+    elif cfg.probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
         zs = [subspace.coordinates(u, x) for u, x in zip(basis, xs, strict=True)]
-        lams = [subspace.probe_scores(z, draw(gi, z.shape)) for gi, z in enumerate(zs)]
-    else:                             # lam = U^T (H v): O(ab + a^2), no Z
-        zs = [None] * len(xs)
-        lams = [subspace.shared_probe_scores(u, x, draw(gi, x.shape[:-2] + x.shape[-1:]))
-                for gi, (u, x) in enumerate(zip(basis, xs, strict=True))]
-    return collectives.pmean(lams, cfg.axis_name), zs
+        lams = collectives.pmean(
+            [subspace.probe_scores(z, _outside(_draw_probes(cfg, key, gi, z.shape), q))
+             for gi, (z, q) in enumerate(zip(zs, q_hats, strict=True))], cfg.axis_name)
+    else:                               # lam = U^T (H v): O(ab + a^2), no Z
+        lams = collectives.pmean(
+            [subspace.shared_probe_scores(u, x, _outside(
+                _draw_probes(cfg, key, gi, _probe_shape(cfg, x)), q))
+             for gi, (u, x, q) in enumerate(zip(basis, xs, q_hats, strict=True))],
+            cfg.axis_name)
+    scores = [jnp.mean(lam * lam, axis=0) for lam in lams]   # square after averaging
+    if tracked is not None:
+        scores = [s_ + w for s_, w in zip(scores, tracked.in_span, strict=True)]
+    return scores, zs
 
 
 def _select(cfg: _Config, group: _Group, score: jax.Array) -> jax.Array:
@@ -425,13 +489,13 @@ def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tup
                       factor: tuple, key: jax.Array, track: bool) -> _Phase:
     """A compressed step: (track the basis), score, select greedily, send ``R``.
 
-    ``lam = mean_i lam_i`` (all-reduce #1), ``J = top_r(mean_p lam^2)``, ``R_i = U[:,
-    J]^T H_i``, ``out = U[:, J] mean_i R_i`` (all-reduce #2), local reconstruction
-    ``U[:, J] R_i`` for the error feedback.
+    Scores (:func:`_scores`), ``J = top_r(score)``, ``R_i = U[:, J]^T H_i``, ``out =
+    U[:, J] mean_i R_i`` (all-reduce #2), local reconstruction ``U[:, J] R_i`` for the
+    error feedback.
     """
-    basis = _track_basis(cfg, xs, basis, factor) if track else list(basis)
-    lams, zs = _scores(cfg, xs, basis, key)
-    scores = [jnp.mean(lam * lam, axis=0) for lam in lams]           # square after averaging
+    tracked = _track_basis(cfg, xs, basis, factor, key) if track else None
+    basis = tracked.basis if tracked is not None else list(basis)
+    scores, zs = _scores(cfg, xs, basis, key, tracked)
     sels = [_select(cfg, g, s_) for g, s_ in zip(plan.groups, scores, strict=True)]
     rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(basis, xs, zs, sels, strict=True)]
     c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, rs, sels, strict=True)]

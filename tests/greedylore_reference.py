@@ -9,8 +9,9 @@ shape numbered by first appearance, probes of step t for group g drawn as
 shared probes).
 
 The lore_jax extensions are written from the spec in the greedylore module docstring:
-basis tracking (``tracking="power"``: ``Y = mean_i H_i Q``, ``T = qr(Y)``, the old basis
-completes ``T`` through the block reflector ``F``, written here from its formula) and
+basis tracking (``tracking="power"``: ``Y = mean_i H_i qr(Q)``, ``T = qr(Y)``, the old
+basis completes ``T`` through the block reflector ``F``, written here from its formula;
+scores are the exact energy inside ``span(qr(Q))`` plus probes outside it) and
 group allocation (``allocation="group"``: the group's ``k r`` best scores over all of its
 matrices, ties to the lower flat index ``m a + j``).
 """
@@ -96,25 +97,38 @@ class GreedyLoreReference:
         v = jax.random.normal(k, (self.num_probes, *shape))
         return np.asarray(v, np.float64)[:, self.pos[name]]
 
-    def score(self, name: str, xs: list[np.ndarray]) -> np.ndarray:
-        """Mean over probes of the squared device-averaged probe scores, ``(a,)``."""
+    def score(self, name: str, xs: list[np.ndarray], q_hat: np.ndarray | None = None,
+              y: np.ndarray | None = None) -> np.ndarray:
+        """Estimated energy of every direction of U in the mean, ``(a,)``: the mean over
+        probes of the squared device-averaged probe scores; after a tracking round, the
+        exact energy inside span(q_hat), ``||u_j^T y||^2``, plus the probe estimate of the
+        rest, with probes restricted to the complement of span(q_hat)."""
         u = self.U[name]
         lams = []
         for v in self.probes(name):
+            if q_hat is not None:
+                v = v - (v @ q_hat) @ q_hat.T
             if self.shared:   # one probe for every direction: lam_j = u_j^T H v
                 lams.append(np.mean([u.T @ (x @ v) for x in xs], axis=0))
             else:             # one probe per direction: lam_j = <(U^T H)[j], v_j>
                 lams.append(np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0))
-        return np.mean(np.square(lams), axis=0)
+        score = np.mean(np.square(lams), axis=0)
+        if y is not None:
+            score = score + np.sum((u.T @ y) ** 2, axis=1)
+        return score
 
     def compressed(self, xs: dict) -> tuple[dict, dict]:
         """One compressed step of every compressible leaf: (local, mean) reconstructions."""
         in_cycle = (self.t - self.t0) % self.tau
-        if self.tracking == "power" and (in_cycle - 1) % self.track_every == 0:
-            for name in self.comp:
-                y = np.mean([x @ self.Q[name] for x in xs[name]], axis=0)
+        scores = {}
+        for name in self.comp:
+            if self.tracking == "power" and (in_cycle - 1) % self.track_every == 0:
+                q_hat = np.linalg.qr(self.Q[name])[0]
+                y = np.mean([x @ q_hat for x in xs[name]], axis=0)
                 self.U[name] = _complete(np.linalg.qr(y)[0], self.U[name])
-        scores = {name: self.score(name, xs[name]) for name in self.comp}
+                scores[name] = self.score(name, xs[name], q_hat, y)
+            else:
+                scores[name] = self.score(name, xs[name])
         chosen = {}
         if self.allocation == "matrix":
             chosen = {name: _top(scores[name], self.comp[name][2]) for name in self.comp}
