@@ -8,23 +8,69 @@ base optimizer, whose state then stays replicated::
 
     tx = optax.chain(lore_jax.greedylore(4, axis_name="data"), optax.adam(1e-3))
 
-The algorithm (the lore_jax GreedyLore spec, section 1.3; Chen et al. 2025, Algorithms
-2-3 and eqs. (9)-(10) of the v4 paper as quoted by secondary sources), for one ``a x b``
-matrix on device ``i`` at step ``t`` (0-based optimizer steps):
+Two configurations, one argument apart:
+
+* ``greedylore(r)``: lore_jax's default, **range tracking** (``tracking="range"``). The
+  basis follows the gradient every step with a warm-started randomized range finder
+  (one ``a x (r + p)`` all-reduce), and the greedy selection takes the directions of
+  highest exact energy; no periodic dense refresh, and same-shape matrices share their
+  directions by energy (``allocation="group"``). On the real language-model workload it
+  matches or beats PowerSGD's held-out loss, where the paper's settings trail it by a
+  wide margin (``benchmarks/lm_quality.py``; the README's results).
+* ``greedylore(r, tracking="off")`` (or ``**lore_jax.GREEDYLORE_PAPER``): the paper's
+  algorithm, exactly: a basis frozen between dense SVD refreshes every ``tau = 200``
+  steps, independent probes, ``r`` directions per matrix.
+
+The paper's algorithm (the lore_jax GreedyLore spec, section 1.3; Chen et al. 2025,
+Algorithms 2-3 and eqs. (9)-(10) of the v4 paper as quoted by secondary sources), for one
+``a x b`` matrix on device ``i`` at step ``t`` (0-based optimizer steps), and the phase
+function of this module that implements each line:
 
 .. code-block:: text
 
     H_i = g_i + E_i                                   error-corrected gradient (EF14)
-    t < t0:                     out = mean_i g_i        dense warm-up
-    (t - t0) % tau == 0:        Hbar = mean_i H_i       dense refresh
+    t < t0:                     out = mean_i g_i        dense warm-up        _dense_phase
+    (t - t0) % tau == 0:        Hbar = mean_i H_i       dense refresh        _refresh_phase
                                 U = svd(Hbar).U         complete a x a basis, float32
                                 E_i = 0;  out = Hbar
-    otherwise:                  Z_i = U^T H_i
+    otherwise:                  Z_i = U^T H_i                                _compressed_phase
                                 lam_i[j] = <Z_i[j], v_j>     v_j ~ N(0, I_b), shared
                                 lam = mean_i lam_i           all-reduce #1 (a floats)
                                 J = top_r(lam ** 2)          square after averaging
                                 R_i = Z_i[J];  E_i = H_i - U[:, J] R_i
                                 out = U[:, J] mean_i R_i     all-reduce #2 (r b floats)
+
+lore_jax extensions (each one argument, each tested against the NumPy reference of
+``tests/greedylore_reference.py``, written from this spec):
+
+.. code-block:: text
+
+    tracking="range" (default), before the selection of a compressed step:   _track_basis
+        Q_hat = qr(Q)                 Q: (b, r) the last step's averaged factor R_bar^T
+        v' = v (I - Q_hat Q_hat^T)    v: p = num_probes fresh Gaussian columns, shared
+        Y = mean_i H_i [Q_hat, v']    all-reduce #1 (a (r + p) floats)
+        W, sigma = svd(Y)             Ritz vectors, a x (r + p)                _ritz_basis
+        U = [W, completion of U_prev] complete basis (subspace.complete_basis)
+        score_j = ||u_j^T Y||^2       exact energy in span([Q_hat, v']): sigma_j^2, 0 after
+    tracking="power":                 Y = mean_i H_i Q_hat (a r floats), U = [qr(Y).Q,
+        completion]; score_j = ||u_j^T Y||^2 + (mean_i <u_j^T H_i, v_j'>)^2 with probes
+        v' restricted to the complement of span(Q_hat): an unbiased energy estimate whose
+        large in-span part is exact (shared probes travel in the same all-reduce)
+    after either: J, R and out as above (all-reduce #2), then Q = R_bar^T  _next_factor
+    allocation="group":               a group of k same-shape matrices selects its k r
+        highest scores over all of its matrices (flat indices m a + j)  _select
+    update_interval=None with tracking: the first refresh only (an exact SVD)
+
+Range tracking keeps the selection greedy over a complete orthonormal basis, with error
+feedback, but its scores are exact only inside ``span([Q_hat, v'])``: the completion
+scores zero, so only the ``r + p`` Ritz vectors are candidates. Its contraction in
+expectation therefore comes from the fresh columns ``v'``: for any ``H``,
+``E||C(H) - H||^2 <= (1 - delta) ||H||^2`` with ``delta >= r / ((r + p)(b - r))`` (the
+top ``r`` of ``r + p`` Ritz values hold at least ``r / (r + p)`` of ``||Y||^2 >=
+||H v'||^2 / ||v'||^2``, whose mean is ``||H (I - Q_hat Q_hat^T)||^2 / (b - r)``), much
+weaker than the paper's selection; ``tracking="power"`` keeps probe scores on the whole
+basis. ``tests/test_greedylore_extensions.py`` checks the bound on a gradient orthogonal
+to ``Q``.
 
 Design choices where the spec infers or leaves room (each is tested):
 
@@ -92,9 +138,11 @@ Design choices where the spec infers or leaves room (each is tested):
   are all-reduced in their own dtype.
 
 Compute per compressed step and matrix: O(a^2 b) with independent probes, O(rab + a^2)
-with shared ones. Communication per compressed step and matrix: ``num_probes * a`` score
-floats plus ``r * b`` factor floats, in two sequential all-reduces; dense leaves (vectors, masked or
-gated matrices) are all-reduced every step. The state's counters ``bits_sent`` and
+with shared ones, plus O(ab (r + p) + a^2 (r + p)) for tracking. Communication per
+compressed step and matrix: ``num_probes * a`` score floats plus ``r * b`` factor floats,
+in two sequential all-reduces, plus ``r * a`` floats on tracked steps (in the first
+all-reduce with shared probes or range tracking); dense leaves (vectors, masked or gated
+matrices) are all-reduced every step. The state's counters ``bits_sent`` and
 ``bits_dense`` accumulate the payload one device contributed and what a dense
 all-reduce would have contributed (see :func:`lore_jax.communication`).
 
@@ -118,7 +166,7 @@ from lore_jax import error_feedback as ef
 
 Refresh = Literal["svd", "subspace_iteration"]
 Probes = Literal["independent", "shared"]
-Tracking = Literal["off", "power"]
+Tracking = Literal["off", "power", "range"]
 Allocation = Literal["matrix", "group"]
 
 
@@ -257,7 +305,7 @@ class _Config(NamedTuple):
     mode: ef.ErrorFeedback
     axis_name: Hashable | None
     warmup_steps: int
-    update_interval: int
+    update_interval: int      # 0: only the first refresh
     num_probes: int
     probes: str
     refresh: str
@@ -278,11 +326,12 @@ class _Phase(NamedTuple):
 
 
 def _phase_index(cfg: _Config, t: jax.Array) -> jax.Array:
-    """Which phase step ``t`` runs: warm-up, refresh, compressed, or compressed + track."""
+    """The branch step ``t`` runs: warm-up, refresh, compressed (tracking when it tracks
+    every step), or, with ``track_every > 1``, compressed with tracking."""
     since = t - cfg.warmup_steps
-    in_cycle = since % cfg.update_interval
+    in_cycle = since % cfg.update_interval if cfg.update_interval else since
     compressed = _COMPRESSED
-    if cfg.tracking != "off":
+    if cfg.tracking != "off" and not _tracks_every_step(cfg):
         compressed = jnp.where((in_cycle - 1) % cfg.track_every == 0, _TRACKED, _COMPRESSED)
     return jnp.where(since < 0, _WARMUP, jnp.where(in_cycle == 0, _REFRESH, compressed))
 
@@ -387,12 +436,15 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     """
     q_hats = [_one_matrix_at_a_time(subspace.orthonormal_columns, q) for q in factor]
     sends = [x @ q for x, q in zip(xs, q_hats, strict=True)]
-    if cfg.probes == "shared":
-        vs = [_outside(_draw_probes(cfg, key, gi, _probe_shape(cfg, x)), q)
+    columns = cfg.probes == "shared" or cfg.tracking == "range"   # probes as (k, b) columns
+    if columns:
+        vs = [_outside(_draw_probes(cfg, key, gi, x.shape[:-2] + x.shape[-1:]), q)
               for gi, (x, q) in enumerate(zip(xs, q_hats, strict=True))]
         sends = [jnp.concatenate([y, x @ jnp.moveaxis(v, 0, -1)], axis=-1)
                  for y, x, v in zip(sends, xs, vs, strict=True)]
     means = collectives.pmean(sends, cfg.axis_name)
+    if cfg.tracking == "range":
+        return _ritz_basis(means, basis, q_hats)
     ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
     def tracked(y, u_prev):
@@ -406,6 +458,22 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
         lams = [jnp.moveaxis(jnp.swapaxes(m[..., q.shape[-1]:], -1, -2) @ u, -2, 0)
                 for m, q, u in zip(means, q_hats, basis, strict=True)]
     return _Tracked(basis, q_hats, in_span, lams)
+
+
+def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -> _Tracked:
+    """Range tracking: ``Y = Hbar [Q_hat, v']`` (``a x (r + p)``, already averaged); its left
+    singular vectors (Ritz vectors, in order of ``sigma_j``) lead the basis, completed by
+    the old one; their scores are their exact energies in ``span([Q_hat, v'])``,
+    ``sigma_j^2``, and the completion's are zero."""
+    def ritz(y, u_prev):
+        left = jnp.linalg.svd(y, full_matrices=False)[0]
+        return subspace.complete_basis(left, u_prev)
+
+    new = [_one_matrix_at_a_time(ritz, m, u) for m, u in zip(means, basis, strict=True)]
+    in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ m), axis=-1)
+               for u, m in zip(new, means, strict=True)]
+    zero = [jnp.zeros((1,) + w.shape, w.dtype) for w in in_span]
+    return _Tracked(new, q_hats, in_span, zero)
 
 
 def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
@@ -507,34 +575,72 @@ def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tup
     return _Phase(c_local, c_bar, tuple(basis), factor)
 
 
-def _phase_bits(plan: _Plan, leaves: list[Any], num_probes: int) -> tuple[int, ...]:
-    """Per-device payload bits of a (warm-up, refresh, compressed, tracked) step, then
-    the dense baseline."""
+def _phase_bits(cfg: _Config, plan: _Plan, leaves: list[Any]) -> tuple[int, ...]:
+    """Per-device payload bits of each branch of the phase switch (warm-up, refresh,
+    compressed[, tracked]), then the dense baseline."""
     dense_leaf_bits = sum(
         accounting.bits_of(np.shape(x), x.dtype)
         for x, g in zip(leaves, plan.group_of, strict=True)
         if g < 0
     )
     dense = dense_leaf_bits + sum(g.k * g.a * g.b * 32 for g in plan.groups)
-    compressed = dense_leaf_bits + sum(g.k * (num_probes * g.a + g.rank * g.b) * 32
+    compressed = dense_leaf_bits + sum(g.k * (cfg.num_probes * g.a + g.rank * g.b) * 32
                                        for g in plan.groups)
     tracked = compressed + sum(g.k * g.a * g.rank * 32 for g in plan.groups)
     baseline = sum(accounting.bits_of(np.shape(x), x.dtype) for x in leaves)
+    if cfg.tracking == "off":
+        return dense, dense, compressed, baseline
+    if _tracks_every_step(cfg):
+        return dense, dense, tracked, baseline
     return dense, dense, compressed, tracked, baseline
 
 
+def _tracks_every_step(cfg: _Config) -> bool:
+    return cfg.tracking != "off" and cfg.track_every == 1
+
+
+#: The paper's settings (Chen et al. 2025): ``greedylore(r, **GREEDYLORE_PAPER)``.
+#: ``tracking="off"`` alone gives the same, since the other defaults follow ``tracking``.
+GREEDYLORE_PAPER: dict[str, Any] = {
+    "tracking": "off", "update_interval": 200, "probes": "independent", "num_probes": 1,
+    "allocation": "matrix", "refresh": "svd", "warmup_steps": 0, "error_feedback": "ef14",
+}
+
+
+def _mode_defaults(tracking: str, update_interval: int | None, probes: str | None,
+                   allocation: str | None) -> tuple[int | None, str, str]:
+    """The defaults that follow ``tracking``: the paper's without it (refresh every 200
+    steps, independent probes, ``r`` directions per matrix); with it, only the first
+    refresh, shared probes and group allocation. ``update_interval`` ``None`` in the
+    result means no periodic refresh."""
+    if tracking == "off":
+        return (200 if update_interval is None else update_interval,
+                probes or "independent", allocation or "matrix")
+    return update_interval, probes or "shared", allocation or "group"
+
+
+def _check_tracking(tracking: Any) -> None:
+    if tracking not in TRACKING_KINDS:
+        raise ValueError(
+            f"tracking={tracking!r} is not supported; use 'range' (the default: a warm-started "
+            f"randomized range finder every compressed step), 'power' (a power step, probes "
+            f"score the whole basis) or 'off' (the paper's: the basis changes only at "
+            f"refreshes)."
+        )
+
+
 def _check_options(rank, update_interval, warmup_steps, min_compression_rate, num_probes,
-                   probes, refresh, refresh_iters, tracking, track_every, allocation) -> None:
+                   probes, refresh, refresh_iters, track_every, allocation) -> None:
     """Raises a ValueError naming the first bad argument of :func:`greedylore`."""
     def is_int(v):
         return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
     if not is_int(rank) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
-    if not is_int(update_interval) or update_interval < 1:
+    if update_interval is not None and (not is_int(update_interval) or update_interval < 1):
         raise ValueError(
-            f"update_interval must be an integer >= 1 (steps between basis refreshes), "
-            f"got {update_interval!r}."
+            f"update_interval must be an integer >= 1 (steps between basis refreshes) or "
+            f"None (the mode's default), got {update_interval!r}."
         )
     if not is_int(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
@@ -555,12 +661,6 @@ def _check_options(rank, update_interval, warmup_steps, min_compression_rate, nu
         )
     if not is_int(refresh_iters) or refresh_iters < 1:
         raise ValueError(f"refresh_iters must be an integer >= 1, got {refresh_iters!r}.")
-    if tracking not in TRACKING_KINDS:
-        raise ValueError(
-            f"tracking={tracking!r} is not supported; use 'off' (the paper's: the basis "
-            f"changes only at refreshes) or 'power' (one a x r power step per compressed "
-            f"step)."
-        )
     if not is_int(track_every) or track_every < 1:
         raise ValueError(f"track_every must be an integer >= 1 (compressed steps between "
                          f"tracking rounds), got {track_every!r}.")
@@ -575,7 +675,7 @@ def _check_options(rank, update_interval, warmup_steps, min_compression_rate, nu
 def greedylore(
     rank: int,
     *,
-    update_interval: int = 200,
+    update_interval: int | None = None,
     warmup_steps: int = 0,
     axis_name: Hashable | None = "data",
     error_feedback: ef.ErrorFeedback = "ef14",
@@ -584,18 +684,20 @@ def greedylore(
     weight_dimension_numbers: Any = None,
     key: Any = None,
     num_probes: int = 1,
-    probes: Probes = "independent",
+    probes: Probes | None = None,
     refresh: Refresh = "svd",
     refresh_iters: int = 1,
-    tracking: Tracking = "off",
+    tracking: Tracking = "range",
     track_every: int = 1,
-    allocation: Allocation = "matrix",
+    allocation: Allocation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GreedyLore gradient compression: mean of greedy top-r projections, with EF.
 
     Args:
       rank: ``r >= 1``, directions kept per matrix (clipped to ``a = min(m, n)``).
-      update_interval: ``tau >= 1``, steps between dense basis refreshes.
+      update_interval: ``tau >= 1``, steps between dense basis refreshes; ``None`` (the
+        default): 200 (the paper's) with ``tracking="off"``, and only the first refresh
+        with tracking.
       warmup_steps: ``t0 >= 0`` dense steps before compression starts.
       axis_name: the data axis of the enclosing ``shard_map`` / ``pmap`` (default
         ``"data"``); ``None`` runs on one device (N = 1) with no collectives.
@@ -611,22 +713,26 @@ def greedylore(
         or a callable ``params -> pytree``. Default: the Flax conventions of
         :func:`lore_jax.subspace.default_dimension_numbers`.
       key: int seed or ``jax.random.PRNGKey`` for the shared probes (default seed 0).
-      num_probes: Gaussian probes per basis direction (1 in the paper).
+      num_probes: ``p``, Gaussian probes per basis direction (1 in the paper); with range
+        tracking, the fresh columns of the range finder.
       probes: ``"independent"`` (the paper's: one probe ``v_j ~ N(0, I_b)`` per basis
         direction, O(a^2 b) per matrix and step) or ``"shared"`` (one probe per matrix
         for all directions, ``lam = U^T (H v)``, O(a b + a^2) plus O(r a b) for the
-        factor; lore_jax extension, see the module docstring).
+        factor; lore_jax extension, see the module docstring). ``None`` (the default):
+        independent without tracking, shared with it.
       refresh: ``"svd"`` (exact, the paper's) or ``"subspace_iteration"`` (fast, warm
         started; lore_jax extension).
       refresh_iters: power iterations of the fast refresh.
-      tracking: ``"off"`` (the paper's: the basis changes only at refreshes) or
-        ``"power"`` (lore_jax extension: every ``track_every``-th compressed step first
-        moves the basis by one power step warm-started from the last averaged factor, one
-        more ``a x r`` all-reduce; see the module docstring).
+      tracking: ``"range"`` (the default, lore_jax extension: every ``track_every``-th
+        compressed step first moves the basis by a warm-started randomized range finder,
+        ``r + p`` columns, and scores its directions exactly), ``"power"`` (lore_jax
+        extension: one power step, probes score the whole basis) or ``"off"`` (the
+        paper's: the basis changes only at refreshes). See the module docstring.
       track_every: compressed steps between tracking rounds (1: every one).
       allocation: ``"matrix"`` (the paper's: ``r`` directions per matrix) or ``"group"``
         (lore_jax extension: a group of ``k`` same-shape matrices selects its ``k r``
-        best-scored directions over all of its matrices).
+        best-scored directions over all of its matrices). ``None`` (the default):
+        ``"matrix"`` without tracking, ``"group"`` with it.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(updates, state, params=None)``
@@ -649,13 +755,16 @@ def greedylore(
       >>> grads = jax.tree.map(jnp.ones_like, params)
       >>> updates, state = tx.update(grads, state, params)
     """
+    _check_tracking(tracking)
+    update_interval, probes, allocation = _mode_defaults(tracking, update_interval, probes,
+                                                         allocation)
     _check_options(rank, update_interval, warmup_steps, min_compression_rate, num_probes,
-                   probes, refresh, refresh_iters, tracking, track_every, allocation)
+                   probes, refresh, refresh_iters, track_every, allocation)
     mode = ef.validate(error_feedback)
     collectives.check_axis_name(axis_name, "greedylore")
     base_key = collectives.as_key(key)
     rank = int(rank)
-    cfg = _Config(mode, axis_name, int(warmup_steps), int(update_interval), int(num_probes),
+    cfg = _Config(mode, axis_name, int(warmup_steps), int(update_interval or 0), int(num_probes),
                   probes, refresh, int(refresh_iters), tracking, int(track_every), allocation)
 
     def plan_for(tree):
@@ -721,11 +830,13 @@ def greedylore(
         branches = [
             lambda b, f: _dense_phase(cfg, plan, xs, b, f),
             lambda b, f: _refresh_phase(cfg, plan, xs, b, f, first),
-            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=False),
-            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=True),
+            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key,
+                                           track=_tracks_every_step(cfg)),
         ]
-        out = jax.lax.switch(phase, branches if tracking != "off" else branches[:3],
-                             state.basis, state.factor)
+        if cfg.tracking != "off" and not _tracks_every_step(cfg):
+            branches.append(
+                lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=True))
+        out = jax.lax.switch(phase, branches, state.basis, state.factor)
 
         new_e = [ef.local_update(mode, e, x, c)
                  for e, x, c in zip(errors, xs, out.c_local, strict=True)]
@@ -739,7 +850,7 @@ def greedylore(
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-        *phase_bits, baseline_bits = _phase_bits(plan, leaves, num_probes)
+        *phase_bits, baseline_bits = _phase_bits(cfg, plan, leaves)
         sent_options = jnp.stack([accounting.add_bits(state.bits_sent, b) for b in phase_bits])
         new_state = GreedyLoreState(
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),

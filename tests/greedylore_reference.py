@@ -11,7 +11,10 @@ shared probes).
 The lore_jax extensions are written from the spec in the greedylore module docstring:
 basis tracking (``tracking="power"``: ``Y = mean_i H_i qr(Q)``, ``T = qr(Y)``, the old
 basis completes ``T`` through the block reflector ``F``, written here from its formula;
-scores are the exact energy inside ``span(qr(Q))`` plus probes outside it) and
+scores are the exact energy inside ``span(qr(Q))`` plus probes outside it; and
+``tracking="range"``: the left singular vectors of ``Y = mean_i H_i [qr(Q), v']``, ``v'``
+the column probes with their part in ``span(qr(Q))`` removed, lead the basis, scored by
+their energy ``||u_j^T Y||^2``) and
 group allocation (``allocation="group"``: the group's ``k r`` best scores over all of its
 matrices, ties to the lower flat index ``m a + j``).
 """
@@ -89,11 +92,12 @@ class GreedyLoreReference:
         self.U = {k: np.eye(a) for k, (a, _, _) in self.comp.items()}
         self.Q = {k: np.zeros((b, r)) for k, (_, b, r) in self.comp.items()}
 
-    def probes(self, name: str) -> np.ndarray:
+    def probes(self, name: str, columns: bool = False) -> np.ndarray:
+        """This step's probes of ``name``: ``(p, b)`` shared or columns, else ``(p, a, b)``."""
         a, b, _ = self.comp[name]
         g = self.group[name]
         k = jax.random.fold_in(jax.random.fold_in(self.key, self.t), g)
-        shape = (self.counts[g], b) if self.shared else (self.counts[g], a, b)
+        shape = (self.counts[g], b) if self.shared or columns else (self.counts[g], a, b)
         v = jax.random.normal(k, (self.num_probes, *shape))
         return np.asarray(v, np.float64)[:, self.pos[name]]
 
@@ -122,11 +126,21 @@ class GreedyLoreReference:
         in_cycle = (self.t - self.t0) % self.tau
         scores = {}
         for name in self.comp:
-            if self.tracking == "power" and (in_cycle - 1) % self.track_every == 0:
+            tracked = self.tracking != "off" and (in_cycle - 1) % self.track_every == 0
+            if tracked and self.tracking == "power":
                 q_hat = np.linalg.qr(self.Q[name])[0]
                 y = np.mean([x @ q_hat for x in xs[name]], axis=0)
                 self.U[name] = _complete(np.linalg.qr(y)[0], self.U[name])
                 scores[name] = self.score(name, xs[name], q_hat, y)
+            elif tracked:   # range: Ritz vectors of Hbar [Q_hat, v'], scored by sigma^2
+                q_hat = np.linalg.qr(self.Q[name])[0]
+                v = self.probes(name, columns=True)
+                v = v - (v @ q_hat) @ q_hat.T                       # (p, b), outside span
+                y = np.mean([x @ np.concatenate([q_hat, v.T], axis=1) for x in xs[name]],
+                            axis=0)
+                self.U[name] = _complete(np.linalg.svd(y, full_matrices=False)[0],
+                                         self.U[name])
+                scores[name] = np.sum((self.U[name].T @ y) ** 2, axis=1)
             else:
                 scores[name] = self.score(name, xs[name])
         chosen = {}
@@ -148,7 +162,7 @@ class GreedyLoreReference:
             r_bar = np.mean(rs, axis=0)
             c_local[name] = [p @ rr for rr in rs]
             c_bar[name] = p @ r_bar
-            if self.tracking == "power":
+            if self.tracking != "off":
                 if self.allocation == "matrix":
                     self.Q[name] = r_bar.T
                 else:   # rows of its r best-scored directions; the old column if unsent

@@ -17,6 +17,13 @@ from lore_jax import accounting
 N = 8
 
 
+def paper_greedylore(*args, **kwargs):
+    """``lore_jax.greedylore`` with the paper's settings (``tracking="off"``), which this
+    file checks against the paper's NumPy reference; the extensions are checked in
+    test_greedylore_extensions.py."""
+    return lore_jax.greedylore(*args, **{"tracking": "off", **kwargs})
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -83,18 +90,18 @@ def unoriented_mean_error(state: lore_jax.GreedyLoreState, params: dict, rank: i
 )
 def test_bad_arguments_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        lore_jax.greedylore(**kwargs)
+        paper_greedylore(**kwargs)
 
 
 def test_unbound_axis_name_is_a_clear_error():
-    tx = lore_jax.greedylore(2, axis_name="data")
+    tx = paper_greedylore(2, axis_name="data")
     params = {"w": jnp.ones((8, 16))}
     with pytest.raises(ValueError, match="axis_name='data' is not bound"):
         tx.update(params, tx.init(params))
 
 
 def test_wrong_axis_name_inside_shard_map(mesh):
-    tx = lore_jax.greedylore(2, axis_name="model")
+    tx = paper_greedylore(2, axis_name="model")
     params = {"w": jnp.ones((8, 16))}
     state = tx.init(params)
     f = jax.shard_map(lambda g: tx.update(g, state)[0], mesh=mesh, in_specs=P(),
@@ -104,14 +111,14 @@ def test_wrong_axis_name_inside_shard_map(mesh):
 
 
 def test_non_float_gradients_are_rejected():
-    tx = lore_jax.greedylore(2, axis_name=None)
+    tx = paper_greedylore(2, axis_name=None)
     params = {"w": jnp.ones((8, 16)), "steps": jnp.zeros((), jnp.int32)}
     with pytest.raises(TypeError, match="int32"):
         tx.update(params, tx.init(params))
 
 
 def test_mismatched_dense_mask():
-    tx = lore_jax.greedylore(2, axis_name=None, dense={"w": True, "v": False})
+    tx = paper_greedylore(2, axis_name=None, dense={"w": True, "v": False})
     with pytest.raises(ValueError, match="dense"):
         tx.init({"w": jnp.ones((8, 16))})
 
@@ -122,7 +129,7 @@ def test_mismatched_dense_mask():
 def test_full_rank_reproduces_dense_mean_every_step(mesh):
     rng = np.random.default_rng(0)
     params = make_params(rng)
-    tx = lore_jax.greedylore(16, update_interval=4, warmup_steps=1, axis_name="data",
+    tx = paper_greedylore(16, update_interval=4, warmup_steps=1, axis_name="data",
                              min_compression_rate=0.0)
     state, step = init_and_step(tx, params, mesh)
     for _ in range(9):  # warm-up, refreshes and compressed steps
@@ -143,7 +150,7 @@ def test_matches_numpy_reference_step_by_step(mesh, error_feedback, probes):
     params = make_params(rng)
     key = jax.random.PRNGKey(7)
     kw = dict(update_interval=4, warmup_steps=2, min_compression_rate=1.5)
-    tx = lore_jax.greedylore(2, axis_name="data", error_feedback=error_feedback, key=key,
+    tx = paper_greedylore(2, axis_name="data", error_feedback=error_feedback, key=key,
                              probes=probes, **kw)
     ref = GreedyLoreReference(params, 2, 4, 2, N, key, ef=error_feedback, rate=1.5,
                               probes=probes)
@@ -162,7 +169,7 @@ def test_telescoping_invariant_over_50_steps(mesh):
     """sum_t out_t = sum_t mean_i g_i^t - mean_i E_i^T (spec section 1.5, G6)."""
     rng = np.random.default_rng(2)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=10, warmup_steps=3, axis_name="data",
+    tx = paper_greedylore(2, update_interval=10, warmup_steps=3, axis_name="data",
                              min_compression_rate=1.5)
     state, step = init_and_step(tx, params, mesh)
     sum_out = {k: np.zeros(v.shape) for k, v in params.items()}
@@ -185,7 +192,7 @@ def test_telescoping_invariant_over_50_steps(mesh):
 def test_ef21_global_tracker_is_mean_of_device_trackers(mesh):
     rng = np.random.default_rng(3)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=5, axis_name="data", error_feedback="ef21",
+    tx = paper_greedylore(2, update_interval=5, axis_name="data", error_feedback="ef21",
                              min_compression_rate=1.5)
     state, step = init_and_step(tx, params, mesh)
     for _ in range(8):
@@ -226,7 +233,7 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(rank, probes)
     params = {"w": jnp.zeros((a, x.shape[1]))}
 
     def one_step(key):
-        tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, probes=probes,
+        tx = paper_greedylore(rank, update_interval=10 ** 6, key=key, probes=probes,
                                  axis_name=None)
         state = tx.init(params)
         state = state._replace(basis=(jnp.asarray(basis, jnp.float32)[None],),
@@ -248,7 +255,7 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(rank, probes)
 def test_compiled_hlo_all_reduces_exactly_the_reported_payload(mesh):
     rng = np.random.default_rng(4)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=4, warmup_steps=1, axis_name="data",
+    tx = paper_greedylore(2, update_interval=4, warmup_steps=1, axis_name="data",
                              min_compression_rate=1.5)
     state, step = init_and_step(tx, params, mesh)
     g = put(device_grads(rng, params), mesh)
@@ -297,7 +304,7 @@ def test_compiled_hlo_all_reduces_exactly_the_reported_payload(mesh):
 def test_pmap_and_shard_map_agree_and_bases_are_identical(mesh):
     rng = np.random.default_rng(5)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=3, warmup_steps=1, axis_name="data",
+    tx = paper_greedylore(2, update_interval=3, warmup_steps=1, axis_name="data",
                              min_compression_rate=1.5)
     s_shard, step = init_and_step(tx, params, mesh)
     replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (N,) + x.shape), params)
@@ -325,8 +332,8 @@ def test_pmap_and_shard_map_agree_and_bases_are_identical(mesh):
 def test_bf16_gradients_keep_float32_state_and_bf16_output(mesh):
     rng = np.random.default_rng(6)
     params = {k: v.astype(jnp.bfloat16) for k, v in make_params(rng).items()}
-    tx = lore_jax.greedylore(2, update_interval=3, axis_name="data", min_compression_rate=1.5)
-    tx32 = lore_jax.greedylore(2, update_interval=3, axis_name="data",
+    tx = paper_greedylore(2, update_interval=3, axis_name="data", min_compression_rate=1.5)
+    tx32 = paper_greedylore(2, update_interval=3, axis_name="data",
                                min_compression_rate=1.5)
     state, step = init_and_step(tx, params, mesh)
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
@@ -348,9 +355,9 @@ def test_dense_mask_keeps_leaves_exact(mesh):
     rng = np.random.default_rng(7)
     params = make_params(rng)
     mask = {k: k == "a_w" for k in params}
-    tx = lore_jax.greedylore(1, update_interval=100, axis_name="data", dense=mask,
+    tx = paper_greedylore(1, update_interval=100, axis_name="data", dense=mask,
                              min_compression_rate=1.5)
-    tx_fn = lore_jax.greedylore(1, update_interval=100, axis_name="data",
+    tx_fn = paper_greedylore(1, update_interval=100, axis_name="data",
                                 min_compression_rate=1.5,
                                 dense=lambda p: {k: k == "a_w" for k in p})
     for t in (tx, tx_fn):
@@ -373,7 +380,7 @@ def test_dense_mask_keeps_leaves_exact(mesh):
 def test_nonfinite_gradients_do_not_poison_state(mesh, bad, phase_step):
     rng = np.random.default_rng(8)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=100, axis_name="data",
+    tx = paper_greedylore(2, update_interval=100, axis_name="data",
                              min_compression_rate=1.5)
     state, step = init_and_step(tx, params, mesh)
     for _ in range(phase_step):
@@ -393,7 +400,7 @@ def test_nonfinite_gradients_do_not_poison_state(mesh, bad, phase_step):
 def test_composes_with_apply_if_finite():
     params = {"w": jnp.ones((8, 32))}
     tx = optax.apply_if_finite(
-        optax.chain(lore_jax.greedylore(2, axis_name=None), optax.sgd(0.1)), 3)
+        optax.chain(paper_greedylore(2, axis_name=None), optax.sgd(0.1)), 3)
     state = tx.init(params)
     good = {"w": jnp.ones((8, 32))}
     bad = {"w": good["w"].at[0, 0].set(jnp.nan)}
@@ -412,7 +419,7 @@ def test_single_device_matches_reference_with_n_equal_one():
     rng = np.random.default_rng(9)
     params = make_params(rng)
     key = jax.random.PRNGKey(3)
-    tx = lore_jax.greedylore(2, update_interval=3, warmup_steps=1, key=key,
+    tx = paper_greedylore(2, update_interval=3, warmup_steps=1, key=key,
                              min_compression_rate=1.5, axis_name=None)
     ref = GreedyLoreReference(params, 2, 3, 1, 1, key, rate=1.5)
     ref.n = 1
@@ -430,7 +437,7 @@ def test_single_device_matches_reference_with_n_equal_one():
 def test_state_specs_cover_nested_optax_states(mesh):
     params = {"w": jnp.ones((8, 32)), "b": jnp.ones(8)}
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     lore_jax.greedylore(2, axis_name="data", error_feedback="ef21"),
+                     paper_greedylore(2, axis_name="data", error_feedback="ef21"),
                      optax.adam(1e-3))
     specs = lore_jax.state_specs(jax.eval_shape(tx.init, params), "data")
     lore_spec = specs[1]
@@ -457,6 +464,6 @@ def test_state_specs_cover_nested_optax_states(mesh):
 ])
 def test_gradients_that_do_not_match_the_state_name_the_leaves(grads, match):
     params = {"a": jnp.zeros((16, 32)), "b": jnp.zeros((32, 64))}
-    tx = lore_jax.greedylore(2, axis_name=None, min_compression_rate=0)
+    tx = paper_greedylore(2, axis_name=None, min_compression_rate=0)
     with pytest.raises(ValueError, match=match):
         tx.update({k: jnp.ones(s) for k, s in grads.items()}, tx.init(params))

@@ -18,12 +18,15 @@ from test_greedylore import N, device_grads, make_params, unoriented_mean_error
 import lore_jax
 from lore_jax import accounting
 
+RANGE = dict(tracking="range")
 TRACKED = dict(tracking="power")
 GROUPED = dict(allocation="group")
+PAPER = dict(tracking="off", probes="independent", allocation="matrix")
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tracking="svd"), "tracking"),
+    (dict(update_interval=0), "update_interval"),
     (dict(track_every=0), "track_every"),
     (dict(allocation="model"), "allocation"),
 ])
@@ -33,10 +36,14 @@ def test_bad_extension_arguments_name_the_parameter(kwargs, match):
 
 
 @pytest.mark.parametrize("error_feedback, options", [
-    ("ef14", dict(tracking="power")),
+    ("ef14", dict(tracking="range", probes="shared", allocation="group")),   # the default
+    ("ef14", dict(tracking="range", num_probes=2, probes="independent", allocation="matrix",
+                  track_every=2)),
+    ("ef14", dict(tracking="power", probes="independent", allocation="matrix")),
     ("ef14", dict(tracking="power", allocation="group", probes="shared", num_probes=2)),
-    ("ef21", dict(tracking="power", track_every=2, allocation="group")),
-    (None, dict(allocation="group")),
+    ("ef21", dict(tracking="power", track_every=2, allocation="group",
+                  probes="independent")),
+    (None, dict(tracking="off", allocation="group", probes="independent")),
 ])
 def test_matches_numpy_reference_step_by_step(mesh, error_feedback, options):
     rng = np.random.default_rng(11)
@@ -56,11 +63,11 @@ def test_matches_numpy_reference_step_by_step(mesh, error_feedback, options):
                                        err_msg=f"step {t}, leaf {k}")
 
 
-def test_full_rank_reproduces_dense_mean_every_step(mesh):
+@pytest.mark.parametrize("options", [RANGE, {**TRACKED, **GROUPED}])
+def test_full_rank_reproduces_dense_mean_every_step(mesh, options):
     rng = np.random.default_rng(12)
     params = make_params(rng)
-    tx = lore_jax.greedylore(16, update_interval=4, min_compression_rate=0.0,
-                             **TRACKED, **GROUPED)
+    tx = lore_jax.greedylore(16, update_interval=4, min_compression_rate=0.0, **options)
     state, step = init_and_step(tx, params, mesh)
     for _ in range(6):
         g = device_grads(rng, params)
@@ -69,12 +76,12 @@ def test_full_rank_reproduces_dense_mean_every_step(mesh):
             np.testing.assert_allclose(out[k], g[k].mean(0), rtol=2e-4, atol=3e-5)
 
 
-def test_telescoping_invariant_with_tracking_and_group_allocation(mesh):
+@pytest.mark.parametrize("options", [RANGE, {**TRACKED, **GROUPED}])
+def test_telescoping_invariant_with_tracking_and_group_allocation(mesh, options):
     """sum_t out_t = sum_t mean_i g_i^t - mean_i E_i^T holds for the extensions too."""
     rng = np.random.default_rng(13)
     params = make_params(rng)
-    tx = lore_jax.greedylore(2, update_interval=10 ** 6, min_compression_rate=1.5,
-                             **TRACKED, **GROUPED)
+    tx = lore_jax.greedylore(2, min_compression_rate=1.5, **options)
     state, step = init_and_step(tx, params, mesh)
     sum_out = {k: np.zeros(v.shape) for k, v in params.items()}
     sum_mean = {k: np.zeros(v.shape) for k, v in params.items()}
@@ -92,7 +99,8 @@ def test_telescoping_invariant_with_tracking_and_group_allocation(mesh):
             assert np.linalg.norm(err[k]) > 0.1
 
 
-@pytest.mark.parametrize("options", [TRACKED, GROUPED, {**TRACKED, **GROUPED}])
+@pytest.mark.parametrize("options", [RANGE, TRACKED, {**PAPER, **GROUPED},
+                                     {**TRACKED, **GROUPED}])
 def test_compressed_step_contracts_in_expectation_with_stale_basis(options):
     """One compressed step from a basis and factor unrelated to the gradients:
     E||C(x) - x||^2 <= (1 - r/a)||x||^2 over the group (spec section 2.2)."""
@@ -122,12 +130,38 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(options):
     assert ratios.max() <= 1 + 1e-5
 
 
+def test_range_tracking_contracts_even_orthogonal_to_its_factor():
+    """The worst case of range tracking: a gradient orthogonal to the warm start Q. Only the
+    fresh probe column finds it, and the documented bound is E||C(x) - x||^2 <= (1 -
+    delta) ||x||^2 with delta = r / ((r + p)(b - r))."""
+    rng = np.random.default_rng(1)
+    a, b, rank, p = 8, 24, 2, 1
+    factor = np.linalg.qr(rng.standard_normal((b, b)))[0]
+    q, rest = factor[:, :rank], factor[:, rank:]
+    x = rng.standard_normal((a, b - rank)) @ rest.T           # x q = 0
+    params = {"w": jnp.zeros((a, b))}
+
+    def one_step(key):
+        tx = lore_jax.greedylore(rank, key=key, axis_name=None, num_probes=p)
+        state = tx.init(params)
+        state = state._replace(factor=(jnp.asarray(q, jnp.float32)[None],),
+                               count=jnp.ones([], jnp.int32))
+        out, _ = tx.update({"w": jnp.asarray(x, jnp.float32)}, state)
+        return jnp.sum((out["w"] - x) ** 2) / np.sum(x ** 2)
+
+    ratios = np.asarray(jax.jit(jax.vmap(one_step))(jax.random.split(jax.random.PRNGKey(2),
+                                                                     300)))
+    delta = rank / ((rank + p) * (b - rank))
+    assert ratios.mean() + 3 * ratios.std() / np.sqrt(len(ratios)) <= 1 - delta
+    assert ratios.max() <= 1 + 1e-5
+
+
 def test_compiled_hlo_all_reduces_exactly_the_reported_payload(mesh):
     """The tracked branch adds exactly one a x r float32 all-reduce per matrix."""
     rng = np.random.default_rng(14)
     params = make_params(rng)
     tx = lore_jax.greedylore(2, update_interval=6, warmup_steps=1, min_compression_rate=1.5,
-                             track_every=2, **TRACKED, **GROUPED)
+                             track_every=2, **RANGE)
     state, step = init_and_step(tx, params, mesh)
     g = put(device_grads(rng, params), mesh)
     text = step.lower(g, state).compile().as_text()

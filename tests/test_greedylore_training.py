@@ -81,12 +81,10 @@ def train(tx: optax.GradientTransformation, mesh) -> tuple[float, dict]:
 )
 def test_greedylore_matches_dense_loss_with_10x_fewer_bits(mesh, make_opt):
     dense_loss, _ = train(optax.chain(dense_all_reduce(), make_opt()), mesh)
-    # Two probes per direction (spec section 2.2: half the score variance, for `a` more
-    # floats per a x b matrix and step). With each device compressing its own local
-    # gradient, one probe ends 2.2% above the dense loss with Adam here (1.8% with two);
-    # SGD matches either way.
-    lore = lore_jax.greedylore(4, update_interval=200, warmup_steps=5, axis_name="data",
-                               num_probes=2)
+    # The default, range tracking: measured 0.01% above the dense loss with SGD and 0.7%
+    # with Adam, at 10.7x fewer bits. (The paper's settings, with each device compressing
+    # its own gradient, ended 2.2% above dense with Adam here, 1.8% with two probes.)
+    lore = lore_jax.greedylore(4, warmup_steps=5, axis_name="data")
     lore_loss, comm = train(optax.chain(lore, make_opt()), mesh)
     assert dense_loss < 0.3  # the dense run learned the teacher (noise floor 0.25)
     print(f"dense {dense_loss:.5f} greedylore {lore_loss:.5f} bits {comm}")

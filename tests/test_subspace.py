@@ -82,7 +82,7 @@ def test_greedylore_fast_refresh_tracks_the_exact_refresh():
     bases = {}
     for method in ("svd", "subspace_iteration"):
         tx = lore_jax.greedylore(4, update_interval=3, refresh=method, refresh_iters=2,
-                                 axis_name=None)
+                                 axis_name=None, tracking="off")
         state = tx.init({"w": jnp.zeros((24, 64))})
         update = jax.jit(tx.update)
         for g in grads:  # four refreshes: the first is always an exact SVD
