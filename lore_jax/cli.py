@@ -7,6 +7,7 @@ Usage::
         [--steps N --lr LR --optimizer adam|sgd --seed S --log FILE \\
          --checkpoint-dir DIR [--checkpoint-every K] --resume]
     lore-jax compare --task digits [--compressors dense,greedylore,powersgd,random --out DIR]
+    lore-jax train --compressor greedylore --tracking off ...   # the paper's GreedyLore
     lore-jax train --task lm --compressor greedylore \\
         [--data FILE_OR_DIR --seq-len 64 --d-model 64 --heads 4 --layers 2]
     python -m lore_jax ...                     # the same
@@ -107,16 +108,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(default: cosine)")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds initialisation, data order and compressors")
-    g.add_argument("--update-interval", type=int, default=200,
-                   help="GreedyLore: steps between subspace refreshes (default: 200)")
+    g.add_argument("--update-interval", type=int, default=None,
+                   help="GreedyLore: steps between subspace refreshes (default: 200 with "
+                        "--tracking off, only the first one with tracking)")
+    g.add_argument("--tracking", default="range", choices=("range", "power", "off"),
+                   help="GreedyLore's basis tracking: range (a warm-started range finder "
+                        "every step) | power | off (the paper's GreedyLore) (default: range)")
+    g.add_argument("--allocation", default=None, choices=("group", "matrix"),
+                   help="GreedyLore: directions shared by same-shape matrices by energy "
+                        "(group) or r per matrix (matrix, the paper's) (default: group with "
+                        "tracking, matrix without)")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="GreedyLore: dense steps before compressing (default: 0)")
     g.add_argument("--refresh", default="svd", choices=("svd", "subspace_iteration"),
                    help="GreedyLore's subspace refresh: svd (exact) | subspace_iteration "
                         "(warm-started, much cheaper) (default: svd)")
-    g.add_argument("--probes", default="independent", choices=("independent", "shared"),
+    g.add_argument("--probes", default=None, choices=("independent", "shared"),
                    help="GreedyLore's probes: independent (one per direction) | shared (one "
-                        "per matrix, cheaper at small batches) (default: independent)")
+                        "per matrix, cheaper at small batches) (default: shared with "
+                        "tracking, independent without)")
     g.add_argument("--error-feedback", default="ef14", choices=("ef14", "ef21", "none"),
                    help="error feedback of the compressors (default: ef14)")
     g.add_argument("--eval-every", type=int, default=100,
@@ -209,7 +219,8 @@ def _config(args: argparse.Namespace, compressor: str):
         schedule=args.schedule,
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
-        refresh=args.refresh, probes=args.probes, seed=args.seed, hidden=hidden,
+        refresh=args.refresh, probes=args.probes, tracking=args.tracking,
+        allocation=args.allocation, seed=args.seed, hidden=hidden,
         data=args.data, seq_len=args.seq_len, d_model=args.d_model, num_heads=args.heads,
         num_layers=args.layers,
         eval_every=args.eval_every, progress=not args.no_progress,

@@ -104,7 +104,8 @@ def test_data_parallel_step_all_reduces_what_communication_reports(readme):
     dense_leaves = (256 + 256 + 8 + 256 * 8) * 32
     assert outside == dense_leaves + 32
     assert refresh == warm == (32 * 256 + 256 * 256) * 32
-    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32   # a + r b per matrix
+    # a (r + p) + r b per matrix: range tracking's r + p columns (p = 1), then r rows.
+    assert compressed == ((32 * 5 + 4 * 256) + (256 * 5 + 4 * 256)) * 32
     # Warm-up (5 steps), the refresh, then compressed steps: each adds what its HLO sends.
     for phase in [warm] * 5 + [refresh, compressed, compressed]:
         before = bits(state)
@@ -119,7 +120,7 @@ def test_shard_map_block_applies_the_mean_gradient_and_sends_no_dense_matrix(rea
     text = ns["step"].lower(ns["params"], ns["opt_state"], ns["batch"]).compile().as_text()
     outside, (warm, refresh, compressed) = switch_bits(text)
     assert outside == (256 + 256 + 8 + 256 * 8) * 32     # dense leaves only
-    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32
+    assert compressed == ((32 * 5 + 4 * 256) + (256 * 5 + 4 * 256)) * 32
     cols = lore_jax.hlo_collectives(text)
     (branches,) = [b for b in lore_jax.accounting.hlo_conditional_branches(text) if len(b) == 3]
     for c in cols:
@@ -159,7 +160,7 @@ def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(
     text = ns["nnx_step"].lower(ns["nnx_state"], batch).compile().as_text()
     outside, (warm, refresh, compressed) = switch_bits(text)
     assert outside == (256 + 256 + 8 + 256 * 8) * 32
-    assert compressed == ((32 + 4 * 256) + (256 + 4 * 256)) * 32
+    assert compressed == ((32 * 5 + 4 * 256) + (256 * 5 + 4 * 256)) * 32
     state = ns["nnx_state"]                # 300 steps in: the next steps are compressed
     for _ in range(2):
         before = bits(state)

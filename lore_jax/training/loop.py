@@ -19,7 +19,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from lore_jax import accounting, layout
-from lore_jax.greedylore import PROBE_KINDS, REFRESH_METHODS
+from lore_jax.greedylore import ALLOCATIONS, PROBE_KINDS, REFRESH_METHODS, TRACKING_KINDS
 from lore_jax.training import data as data_lib
 from lore_jax.training import metrics as metrics_lib
 from lore_jax.training import models, optimizers, tasks
@@ -47,10 +47,13 @@ class TrainConfig:
       learning_rate, optimizer, momentum: the base optimizer (``"adam"`` or ``"sgd"``).
       schedule: ``"cosine"`` (decay to 0 at ``steps``; a resumed run with a different
         ``steps`` follows the new schedule) or ``"constant"``.
-      update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings.
-      refresh, probes: GreedyLore's subspace refresh (``"svd"`` or
-        ``"subspace_iteration"``) and probes (``"independent"`` or ``"shared"``); see
-        :func:`lore_jax.greedylore`.
+      update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings
+        (``update_interval=None``: GreedyLore's default for its ``tracking``).
+      tracking, allocation, refresh, probes: GreedyLore's basis tracking (``"range"``,
+        the default, ``"power"`` or ``"off"``, the paper's), allocation (``"group"`` or
+        ``"matrix"``), subspace refresh (``"svd"`` or ``"subspace_iteration"``) and probes
+        (``"independent"`` or ``"shared"``); ``None`` takes the default that follows
+        ``tracking``. See :func:`lore_jax.greedylore`.
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
       d_model, num_heads, num_layers: the transformer's width, attention heads and
@@ -76,11 +79,13 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     schedule: str = "cosine"
-    update_interval: int = 200
+    update_interval: int | None = None
     warmup_steps: int = 0
     error_feedback: str | None = "ef14"
     refresh: str = "svd"
-    probes: str = "independent"
+    probes: str | None = None
+    tracking: str = "range"
+    allocation: str | None = None
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
     d_model: int = 64
@@ -100,17 +105,19 @@ class TrainConfig:
         for name, choices in (("task", tasks.TASKS), ("compressor", optimizers.COMPRESSORS),
                               ("schedule", optimizers.SCHEDULES),
                               ("optimizer", optimizers.OPTIMIZERS),
-                              ("refresh", REFRESH_METHODS), ("probes", PROBE_KINDS)):
+                              ("refresh", REFRESH_METHODS), ("tracking", TRACKING_KINDS),
+                              ("probes", (*PROBE_KINDS, None)),
+                              ("allocation", (*ALLOCATIONS, None))):
             if getattr(self, name) not in choices:
                 raise TrainingError(f"unknown {name} {getattr(self, name)!r}; choose one of "
-                                    f"{', '.join(choices)}.")
+                                    f"{', '.join(c for c in choices if c)}.")
         d = tasks.TASKS[self.task]
         out = dataclasses.replace(
             self, model=self.model or d.model, steps=self.steps or d.steps,
             batch_size=self.batch_size or d.batch_size,
             learning_rate=self.learning_rate or d.learning_rate, hidden=tuple(self.hidden))
         for name in ("rank", "steps", "batch_size", "update_interval", "seq_len"):
-            if getattr(out, name) < 1:
+            if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got "
                                     f"{getattr(out, name)}.")
         tasks.check_transformer_size(out.d_model, out.num_heads, out.num_layers)
@@ -260,7 +267,7 @@ def _train(cfg: TrainConfig) -> RunResult:
         total_steps=cfg.steps, axis_name=AXIS,
         update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
         error_feedback=cfg.error_feedback, seed=cfg.seed, refresh=cfg.refresh,
-        probes=cfg.probes)
+        probes=cfg.probes, tracking=cfg.tracking, allocation=cfg.allocation)
     opt_state = jax.eval_shape(lambda p: layout.sharded_init(tx, p, mesh, AXIS), params)
     specs = layout.state_specs(opt_state, AXIS)
     params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)

@@ -124,12 +124,14 @@ def make_optimizer(
     schedule: str = "constant",
     total_steps: int | None = None,
     axis_name: Hashable = "data",
-    update_interval: int = 200,
+    update_interval: int | None = None,
     warmup_steps: int = 0,
     error_feedback: str | None = "ef14",
     seed: int = 0,
     refresh: str = "svd",
-    probes: str = "independent",
+    probes: str | None = None,
+    tracking: str = "range",
+    allocation: str | None = None,
 ) -> optax.GradientTransformation:
     """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``.
 
@@ -142,7 +144,7 @@ def make_optimizer(
       schedule: ``"constant"`` or ``"cosine"`` (decay to 0 at ``total_steps``).
       total_steps: the run's length, for the cosine schedule.
       axis_name: the mesh axis gradients are averaged over.
-      update_interval: GreedyLore's subspace refresh period (steps).
+      update_interval: GreedyLore's subspace refresh period (steps; ``None``: its default).
       warmup_steps: GreedyLore's dense warm-up steps.
       error_feedback: ``"ef14"``, ``"ef21"`` or ``None``.
       seed: seeds the random compressors' keys.
@@ -150,6 +152,8 @@ def make_optimizer(
         ``"subspace_iteration"`` (warm-started from the previous basis, much cheaper).
       probes: GreedyLore's probes, ``"independent"`` (one per basis direction, the
         paper's) or ``"shared"`` (one per matrix; cheaper selection at small batches).
+      tracking, allocation: GreedyLore's basis tracking (``"range"``, ``"power"`` or
+        ``"off"``: the paper's) and allocation (``"group"`` or ``"matrix"``).
 
     Returns:
       An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
@@ -167,7 +171,8 @@ def make_optimizer(
         return optax.chain(
             greedylore(rank, update_interval=update_interval, warmup_steps=warmup_steps,
                        axis_name=axis_name, error_feedback=error_feedback,
-                       key=seed, refresh=refresh, probes=probes),
+                       key=seed, refresh=refresh, probes=probes, tracking=tracking,
+                       allocation=allocation),
             base)
     if compressor in ("powersgd", "random"):
         try:
