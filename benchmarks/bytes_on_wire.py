@@ -56,9 +56,9 @@ def methods(rank: int, tau: int, t0: int, rate: float, fraction: float
     """Name -> builder of the transform applied to the compressible leaves."""
     out: dict[str, Any] = {
         "dense": lambda: common.dense_mean(),
-        f"greedylore r={rank}": lambda: lore_jax.greedylore(
+        f"greedylore r={rank}": lambda: lore_jax.greedylore(   # the paper's settings
             rank, update_interval=tau, warmup_steps=t0, axis_name=common.AXIS,
-            min_compression_rate=rate),
+            min_compression_rate=rate, tracking="off"),
     }
     cm = common.compressors_module()
     if cm is None:
@@ -183,7 +183,7 @@ def check_whole_model(model: str, rank: int, builders: dict, check: list[str],
             tx = lore_jax.greedylore(rank, update_interval=args.tau,
                                      warmup_steps=args.warmup_steps, axis_name=common.AXIS,
                                      min_compression_rate=args.min_compression_rate,
-                                     dense=mask)
+                                     dense=mask, tracking="off")
         elif mname != "dense":
             tx = common.with_dense(tx, mask)
         ph = phase_bits(compile_text(tx, params, mesh), n)

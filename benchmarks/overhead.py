@@ -67,7 +67,7 @@ def parse_configs(text: str) -> list[tuple[str, tuple[int, ...], int]]:
 
 def build_methods(rank: int, tau: int, iters: int) -> dict[str, tuple[Any, dict[str, int]]]:
     """Name -> (transform, {phase: count}) for the methods timed."""
-    gl = dict(update_interval=tau, warmup_steps=0, axis_name=common.AXIS)
+    gl = dict(update_interval=tau, warmup_steps=0, axis_name=common.AXIS, tracking="off")
     fast = dict(gl, refresh="subspace_iteration", refresh_iters=iters)
     phases = {"refresh": tau, "compressed": 1}   # count tau: the second (non-first) refresh
     out: dict[str, Any] = {

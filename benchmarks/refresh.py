@@ -166,7 +166,7 @@ def training(tasks: list[str], steps: int, rank: int, tau: int, iters: int,
             tx = optax.chain(
                 lore_jax.greedylore(rank, update_interval=tau, warmup_steps=10,
                                     axis_name=common.AXIS, refresh=refresh,
-                                    refresh_iters=iters, key=seed),
+                                    refresh_iters=iters, key=seed, tracking="off"),
                 optax.adam(cfg["lr"]))
             run = common.train_run(task, tx, steps=steps, mesh=mesh,
                                    batch_size=cfg["batch_size"], seed=seed,

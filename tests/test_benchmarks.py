@@ -130,3 +130,46 @@ def test_train_run_stops_at_a_held_out_lm_target(mesh):
     n = len(dataset.x_test)
     np.testing.assert_array_equal(x, dataset.x_test[[round(i * (n - 1) / 63)
                                                      for i in range(64)]])
+
+
+def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
+    from benchmarks import lm_quality
+
+    lm_quality.main(["--out", str(tmp_path), "--sizes", "16x1", "--ranks", "2", "--seeds",
+                     "0", "--steps", "4", "--eval-every", "2", "--eval-examples", "32",
+                     "--methods", "dense,powersgd,greedylore"])
+    d = _written(tmp_path, "lm_quality")
+    rows = {r["method"]: r for r in d["rows"]}
+    assert set(rows) == {"dense", "powersgd", "greedylore"}
+    for r in rows.values():   # the counters: dense sends every float, the others fewer
+        assert r["compression"] == pytest.approx(
+            rows["dense"]["bits_sent"] / r["bits_sent"], rel=1e-9)
+    assert rows["dense"]["compression"] == 1.0 < rows["powersgd"]["compression"]
+    assert d["targets"]["16x1"] == pytest.approx(1.05 * rows["dense"]["test_loss"])
+    # The verdicts follow from the rows alone.
+    fake = [dict(size="s", rank=4, method="dense", test_loss=2.0, bits_sent=100.0,
+                 compression=1.0),
+            dict(size="s", rank=4, method="powersgd", test_loss=2.10, bits_sent=10.0,
+                 compression=10.0),
+            dict(size="s", rank=4, method="greedylore", test_loss=2.05, bits_sent=9.0,
+                 compression=11.1)]
+    checks = lm_quality.check_targets(fake)
+    assert [c["met"] for c in checks] == [True, True]        # 2.05 <= 2.10; +2.5% at 11x
+    fake[2].update(bits_sent=11.0, compression=9.1)
+    assert [c["met"] for c in lm_quality.check_targets(fake)] == [False, False]
+
+
+def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
+    from benchmarks import greedylore_diagnosis as diag
+
+    rng = np.random.default_rng(0)
+    g = {"w": rng.standard_normal((6, 10))}
+    e_old = {"w": 0.1 * rng.standard_normal((6, 10))}
+    h = g["w"] + e_old["w"]
+    p = np.linalg.qr(rng.standard_normal((6, 2)))[0]         # any rank-2 projection
+    e_new = {"w": h - p @ p.T @ h}
+    cap, best, total = diag.shares(g, e_old, e_new, 2)
+    assert total == pytest.approx(np.sum(h * h))
+    assert cap == pytest.approx(np.sum((p.T @ h) ** 2))
+    assert best == pytest.approx(np.sum(np.linalg.svd(h, compute_uv=False)[:2] ** 2))
+    assert cap <= best
