@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 ORDER = ["bytes_on_wire", "refresh", "overhead", "time_to_target"]
+LONG = ["lm_quality", "greedylore_diagnosis"]   # run with --only (about 80 and 10 minutes)
 FULL = {
     "bytes_on_wire": ["--check-layers", "12"],
     "refresh": ["--shapes", "256x1024,768x3072,1024x4096,2048x8192",
@@ -32,17 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results")
     p.add_argument("--full", action="store_true", help="the larger sizes of each script")
-    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(ORDER))
+    p.add_argument("--only", default="",
+                   help="comma-separated subset of " + ",".join(ORDER + LONG))
     p.add_argument("--collect", action="store_true",
                    help="run nothing; concatenate the scripts' existing .md files")
     args = p.parse_args(argv)
-    names = [n for n in ORDER if not args.only or n in args.only.split(",")]
+    names = [n for n in ORDER + LONG
+             if n in args.only.split(",") or not args.only and n in ORDER]
     out = Path(args.out)
     failed = []
     for name in [] if args.collect else names:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)]
         if args.full:
-            cmd += FULL[name]
+            cmd += FULL.get(name, [])
         print(f"\n=== {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         rc = subprocess.call(cmd)
