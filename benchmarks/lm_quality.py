@@ -161,6 +161,32 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def at_equal_bits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GreedyLore against PowerSGD's loss interpolated to GreedyLore's bits.
+
+    PowerSGD's (bits, held-out loss) points of a size, one per rank, are joined linearly
+    in log-bits (extended along the same line past the ends); the comparison says how
+    far GreedyLore's loss is from PowerSGD's at exactly GreedyLore's bits.
+    """
+    out = []
+    for size in sorted({r["size"] for r in rows}):
+        pts = sorted((r["bits_sent"], r["test_loss"]) for r in rows
+                     if r["size"] == size and r["method"] == "powersgd")
+        if len(pts) < 2:
+            continue
+        x, y = np.log([b for b, _ in pts]), np.array([v for _, v in pts])
+        for r in rows:
+            if r["size"] != size or r["method"] != "greedylore":
+                continue
+            bx = np.log(r["bits_sent"])
+            i = int(np.clip(np.searchsorted(x, bx) - 1, 0, len(x) - 2))
+            expect = y[i] + (y[i + 1] - y[i]) * (bx - x[i]) / (x[i + 1] - x[i])
+            out.append({"size": size, "rank": r["rank"], "greedylore": r["test_loss"],
+                        "powersgd_at_same_bits": float(expect),
+                        "difference": float(r["test_loss"] - expect)})
+    return out
+
+
 def digits_curves(args) -> dict[str, Any]:
     """Training loss against cumulative bits on digits, GreedyLore against PowerSGD."""
     mesh = common.mesh_of(8)
@@ -221,8 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           flush=True)
     rows, targets = summarize(runs, sizes, ranks, seeds, args.target_factor)
     checks = check_targets(rows)
+    equal_bits = at_equal_bits(rows)
     payload: dict[str, Any] = {"args": vars(args), "rows": rows, "targets": targets,
-                               "checks": checks}
+                               "checks": checks, "at_equal_bits": equal_bits}
     md = [common.table(
         f"lm: held-out loss after {args.steps} steps (global batch {args.batch}, seq "
         f"{args.seq_len}, Adam {args.lr:g} cosine, 8 devices, seeds {args.seeds})",
@@ -234,6 +261,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          for r in rows],
         note="target per size: " + ", ".join(f"{s}: {t:.3f}" for s, t in targets.items())
              + f" ({args.target_factor:g} x dense's final held-out loss); '-': not reached")]
+    if equal_bits:
+        md.append(common.table(
+            "GreedyLore against PowerSGD interpolated to the same bits (log-linear between "
+            "PowerSGD's ranks)", ["size", "rank", "GreedyLore", "PowerSGD at its bits",
+                                 "difference"],
+            [[e["size"], e["rank"], e["greedylore"], e["powersgd_at_same_bits"],
+              f"{e['difference']:+.4f}"] for e in equal_bits]))
     if args.digits:
         payload["digits"] = digits_curves(args)
         d = payload["digits"]

@@ -157,6 +157,14 @@ def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
     assert [c["met"] for c in checks] == [True, True]        # 2.05 <= 2.10; +2.5% at 11x
     fake[2].update(bits_sent=11.0, compression=9.1)
     assert [c["met"] for c in lm_quality.check_targets(fake)] == [False, False]
+    # PowerSGD at GreedyLore's bits: linear in log-bits between its ranks (1.9 halfway).
+    rows = [dict(size="s", rank=4, method="powersgd", test_loss=2.0, bits_sent=100.0),
+            dict(size="s", rank=8, method="powersgd", test_loss=1.8, bits_sent=200.0),
+            dict(size="s", rank=4, method="greedylore", test_loss=1.95,
+                 bits_sent=100 * 2 ** 0.5)]
+    (e,) = lm_quality.at_equal_bits(rows)
+    assert e["powersgd_at_same_bits"] == pytest.approx(1.9)
+    assert e["difference"] == pytest.approx(0.05)
 
 
 def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
