@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.seq_len}, Adam {args.lr:g} cosine, 8 devices, seeds {args.seeds})",
         ["size", "rank", "method", "held-out loss", "spread (min-max)", "MiB sent / device",
          "x fewer bits", "steps to target"],
-        [[r["size"], r["rank"] or "-", r["method"], r["test_loss"],
+        [[r["size"], r["rank"] or "-", r["method"], f"{r['test_loss']:.4f}",
           f"{r['test_loss_min']:.3f}-{r['test_loss_max']:.3f}", r["bits_sent"] / 8 / 2 ** 20,
           r["compression"], ", ".join(str(s) if s else "-" for s in r["steps_to_target"])]
          for r in rows],
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "GreedyLore against PowerSGD interpolated to the same bits (log-linear between "
             "PowerSGD's ranks)", ["size", "rank", "GreedyLore", "PowerSGD at its bits",
                                  "difference"],
-            [[e["size"], e["rank"], e["greedylore"], e["powersgd_at_same_bits"],
+            [[e["size"], e["rank"], f"{e['greedylore']:.4f}", f"{e['powersgd_at_same_bits']:.4f}",
               f"{e['difference']:+.4f}"] for e in equal_bits]))
     if args.digits:
         payload["digits"] = digits_curves(args)
