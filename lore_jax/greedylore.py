@@ -185,7 +185,7 @@ class GreedyLoreState(NamedTuple):
     """Per group, float32 ``(k, a, b)``: EF21 global tracker (mean of the ``error``)."""
     factor: tuple[jax.Array, ...]
     """Per group, float32 ``(k, b, r)``: the tracking factor ``Q`` (replicated; empty
-    unless ``tracking="power"``)."""
+    with ``tracking="off"``)."""
     bits_sent: jax.Array
     """uint32[2]: cumulative payload bits one device contributed to all-reduces."""
     bits_dense: jax.Array
@@ -374,10 +374,8 @@ def _initial_factor(h: jax.Array, u: jax.Array, rank: int) -> jax.Array:
     return jnp.swapaxes(h, -1, -2) @ u[..., :rank]
 
 
-def _dense_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
-                 factor: tuple) -> _Phase:
+def _dense_phase(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple) -> _Phase:
     """Warm-up, ``t < t0``: ``out = mean_i H_i``, the identity compressor (EF resets)."""
-    del plan
     return _Phase(xs, collectives.pmean(xs, cfg.axis_name), basis, factor)
 
 
@@ -400,9 +398,10 @@ def _draw_probes(cfg: _Config, key: jax.Array, gi: int, shape: tuple[int, ...]) 
                              jnp.float32)
 
 
-def _probe_shape(cfg: _Config, x: jax.Array) -> tuple[int, ...]:
-    """``(k, a, b)`` for independent probes, ``(k, b)`` for shared ones."""
-    return x.shape if cfg.probes == "independent" else x.shape[:-2] + x.shape[-1:]
+def _column_shape(x: jax.Array) -> tuple[int, ...]:
+    """``(k, b)``: one probe column per matrix of the ``(k, a, b)`` stack (shared probes,
+    range tracking's fresh columns)."""
+    return x.shape[:-2] + x.shape[-1:]
 
 
 def _outside(v: jax.Array, q_hat: jax.Array | None) -> jax.Array:
@@ -421,7 +420,7 @@ class _Tracked(NamedTuple):
     basis: list[jax.Array]           # (k, a, a): [T, completion]
     q_hat: list[jax.Array]           # (k, b, r): the orthonormalised factor
     in_span: list[jax.Array]         # (k, a): ||u_j^T Hbar Q_hat||^2, exact
-    lams: list[jax.Array] | None     # shared probes: (p, k, a) averaged scores, else None
+    lams: list[jax.Array] | None     # power + shared probes: (p, k, a) averaged scores
 
 
 def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
@@ -438,7 +437,7 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     sends = [x @ q for x, q in zip(xs, q_hats, strict=True)]
     columns = cfg.probes == "shared" or cfg.tracking == "range"   # probes as (k, b) columns
     if columns:
-        vs = [_outside(_draw_probes(cfg, key, gi, x.shape[:-2] + x.shape[-1:]), q)
+        vs = [_outside(_draw_probes(cfg, key, gi, _column_shape(x)), q)
               for gi, (x, q) in enumerate(zip(xs, q_hats, strict=True))]
         sends = [jnp.concatenate([y, x @ jnp.moveaxis(v, 0, -1)], axis=-1)
                  for y, x, v in zip(sends, xs, vs, strict=True)]
@@ -472,8 +471,7 @@ def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -
     new = [_one_matrix_at_a_time(ritz, m, u) for m, u in zip(means, basis, strict=True)]
     in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ m), axis=-1)
                for u, m in zip(new, means, strict=True)]
-    zero = [jnp.zeros((1,) + w.shape, w.dtype) for w in in_span]
-    return _Tracked(new, q_hats, in_span, zero)
+    return _Tracked(new, q_hats, in_span, None)
 
 
 def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
@@ -482,12 +480,15 @@ def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
     computed (independent probes).
 
     Paper: ``mean_p lam^2`` with ``lam = mean_i lam_i`` (all-reduce #1, ``p a`` floats).
-    After a tracking round: the exact energy inside ``span(Q_hat)`` plus ``mean_p lam^2``
-    of probes restricted to its complement, an unbiased estimate of ``||u_j^T Hbar||^2``
-    whose large in-span part has no variance (shared probes: no extra all-reduce).
+    After a power-tracking round: the exact energy inside ``span(Q_hat)`` plus ``mean_p
+    lam^2`` of probes restricted to its complement, an unbiased estimate of ``||u_j^T
+    Hbar||^2`` whose large in-span part has no variance (shared probes: no extra
+    all-reduce). After a range-tracking round: the exact energies alone.
     """
-    q_hats = tracked.q_hat if tracked is not None else [None] * len(xs)
     zs: list[jax.Array | None] = [None] * len(xs)
+    if tracked is not None and cfg.tracking == "range":
+        return tracked.in_span, zs
+    q_hats = tracked.q_hat if tracked is not None else [None] * len(xs)
     if tracked is not None and tracked.lams is not None:
         lams = tracked.lams
     elif cfg.probes == "independent":   # Z = U^T H once: scores and R (spec pitfall 11)
@@ -498,7 +499,7 @@ def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
     else:                               # lam = U^T (H v): O(ab + a^2), no Z
         lams = collectives.pmean(
             [subspace.shared_probe_scores(u, x, _outside(
-                _draw_probes(cfg, key, gi, _probe_shape(cfg, x)), q))
+                _draw_probes(cfg, key, gi, _column_shape(x)), q))
              for gi, (u, x, q) in enumerate(zip(basis, xs, q_hats, strict=True))],
             cfg.axis_name)
     scores = [jnp.mean(lam * lam, axis=0) for lam in lams]   # square after averaging
@@ -536,7 +537,7 @@ def _reconstruct(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array) -> ja
     if cfg.allocation == "matrix":
         return subspace.reconstruct(subspace.take_columns(u, sel), r)
     zsel = _scatter_rows(u, r, sel).reshape(u.shape[0], u.shape[-1], r.shape[-1])
-    return subspace.coordinates(jnp.swapaxes(u, -1, -2), zsel)   # U @ Zsel
+    return subspace.reconstruct(u, zsel)   # U Zsel: the unsent rows of Zsel are zero
 
 
 def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
@@ -828,7 +829,7 @@ def greedylore(
         step_key = jax.random.fold_in(state.key, state.count)
         first = state.count == cfg.warmup_steps
         branches = [
-            lambda b, f: _dense_phase(cfg, plan, xs, b, f),
+            lambda b, f: _dense_phase(cfg, xs, b, f),
             lambda b, f: _refresh_phase(cfg, plan, xs, b, f, first),
             lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key,
                                            track=_tracks_every_step(cfg)),
