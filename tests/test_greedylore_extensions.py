@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from greedylore_reference import GreedyLoreReference
 from helpers import init_and_step, put
-from test_greedylore import N, check_telescoping, device_grads, make_params
+from test_greedylore import (
+    N,
+    check_against_reference,
+    check_telescoping,
+    device_grads,
+    make_params,
+)
 
 import lore_jax
 from lore_jax import accounting
@@ -53,14 +59,8 @@ def test_matches_numpy_reference_step_by_step(mesh, error_feedback, options):
                              error_feedback=error_feedback, key=key, **options)
     ref = GreedyLoreReference(params, 2, 5, 1, N, key, ef=error_feedback, rate=1.5,
                               **options)
-    state, step = init_and_step(tx, params, mesh)
-    for t in range(12):   # warm-up, two refreshes, tracked and untracked compressed steps
-        g = device_grads(rng, params)
-        out, state = step(put(g, mesh), state)
-        expect = ref.step([{k: v[i] for k, v in g.items()} for i in range(N)])
-        for k in params:
-            np.testing.assert_allclose(out[k], expect[k], rtol=2e-3, atol=2e-4,
-                                       err_msg=f"step {t}, leaf {k}")
+    # 12 steps: warm-up, two refreshes, tracked and untracked compressed steps.
+    check_against_reference(tx, ref, params, rng, mesh, steps=12, rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.parametrize("options", [RANGE, {**TRACKED, **GROUPED}])
