@@ -128,7 +128,7 @@ def summarize(runs: dict[str, Any], sizes, ranks, seeds, target_factor: float
                     "bits_sent": float(np.mean([r["bits_sent"] for r in got])),
                     "compression": float(np.mean([r["bits_dense"] / r["bits_sent"]
                                                   for r in got])),
-                    "steps_to_target": [s for s in reach],
+                    "steps_to_target": reach,
                     "wall_s": float(np.mean([r["wall_s"] for r in got]))})
     return rows, targets
 
@@ -144,8 +144,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (size, rank, method), r in by.items():
         if method != "greedylore":
             continue
-        psgd, dense = by.get((size, rank, "powersgd")), by.get((size, 0, "dense")) or next(
-            (v for (s, _, m), v in by.items() if s == size and m == "dense"), None)
+        psgd, dense = by.get((size, rank, "powersgd")), by.get((size, rank, "dense"))
         if psgd is not None:
             met = r["test_loss"] <= psgd["test_loss"] and r["bits_sent"] <= psgd["bits_sent"]
             out.append({"target": f"{size} r={rank}: GreedyLore held-out loss <= PowerSGD's "
