@@ -125,14 +125,15 @@ def run_method(name: str, compress: Any, args, setup: dict[str, Any]) -> dict[st
     stream = data_lib.BatchStream(ds.x_train, ds.y_train, args.batch, args.seed)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     rec = {"captured": [], "best": [], "grad_norm2": [], "nu": [], "refresh_steps": []}
+    e_old = mean_errors(state[0], params)
     for t in range(args.steps):
         batch = next(stream)
         g = dict(zip(paths, (np.asarray(x, np.float64) for x in jax.tree.leaves(
             full_grad(params, batch))), strict=True))
-        e_old = mean_errors(state[0], params)
         params, state, _ = train.step(params, state, batch)
         e_new = mean_errors(state[0], params)
         cap, best, total = shares(g, e_old, e_new, args.rank)
+        e_old = e_new   # the next step starts from this step's error
         rec["captured"].append(cap / total)
         rec["best"].append(best / total)
         rec["grad_norm2"].append(total)
