@@ -49,14 +49,17 @@ lore_jax extensions (each one argument, each tested against the NumPy reference 
         Q_hat = qr(Q)                 Q: (b, r) the last step's averaged factor R_bar^T
         v' = v (I - Q_hat Q_hat^T)    v: p = num_probes fresh Gaussian columns, shared
         Y = mean_i H_i [Q_hat, v']    all-reduce #1 (a (r + p) floats)
-        W, sigma = svd(Y)             Ritz vectors, a x (r + p)                _ritz_basis
-        U = [W, completion of U_prev] complete basis (subspace.complete_basis)
+        T, sigma = svd(Y)             Ritz vectors, a x (r + p)                _ritz_basis
+        U = [T, completion of U_prev] complete basis (subspace.complete_basis)
         score_j = ||u_j^T Y||^2       exact energy in span([Q_hat, v']): sigma_j^2, 0 after
+        J, R as below (all-reduce #2);  W = [Q_hat, v'],  P_W = W W^+        _with_columns
+        out = U_J R_bar + (I - U_J U_J^T) Y W^+     Y W^+ = Hbar P_W, known from round #1
+        (E_i from the same formula with H_i, R_i and H_i W)
     tracking="power":                 Y = mean_i H_i Q_hat (a r floats), U = [qr(Y).Q,
         completion]; score_j = ||u_j^T Y||^2 + (mean_i <u_j^T H_i, v_j'>)^2 with probes
         v' restricted to the complement of span(Q_hat): an unbiased energy estimate whose
         large in-span part is exact (shared probes travel in the same all-reduce)
-    after either: J, R and out as above (all-reduce #2), then Q = R_bar^T  _next_factor
+    after either: J and R as above (all-reduce #2), then Q = R_bar^T       _next_factor
     allocation="group":               a group of k same-shape matrices selects its k r
         highest scores over all of its matrices (flat indices m a + j)  _select
     update_interval=None with tracking: the first refresh only (an exact SVD)
@@ -69,7 +72,10 @@ expectation therefore comes from the fresh columns ``v'``: for any ``H``,
 top ``r`` of ``r + p`` Ritz values hold at least ``r / (r + p)`` of ``||Y||^2 >=
 ||H v'||^2 / ||v'||^2``, whose mean is ``||H (I - Q_hat Q_hat^T)||^2 / (b - r)``), much
 weaker than the paper's selection; ``tracking="power"`` keeps probe scores on the whole
-basis. ``tests/test_greedylore_extensions.py`` checks the bound on a gradient orthogonal
+basis. Range tracking's output is the orthogonal projection of ``H`` onto the matrices
+``U_J A + B W^T``, which contain the selection's ``U_J U_J^T H``, so the bound holds for
+it a fortiori (and at full rank it is ``H``).
+``tests/test_greedylore_extensions.py`` checks the bound on a gradient orthogonal
 to ``Q``.
 
 Design choices where the spec infers or leaves room (each is tested):
@@ -421,6 +427,9 @@ class _Tracked(NamedTuple):
     q_hat: list[jax.Array]           # (k, b, r): the orthonormalised factor
     in_span: list[jax.Array]         # (k, a): ||u_j^T Hbar Q_hat||^2, exact
     lams: list[jax.Array] | None     # power + shared probes: (p, k, a) averaged scores
+    columns: list[jax.Array] | None = None   # range: (k, b, r + p), W = [Q_hat, v']
+    local: list[jax.Array] | None = None     # range: (k, a, r + p), H_i W
+    mean: list[jax.Array] | None = None      # range: (k, a, r + p), Y = mean_i H_i W
 
 
 def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
@@ -443,7 +452,10 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
                  for y, x, v in zip(sends, xs, vs, strict=True)]
     means = collectives.pmean(sends, cfg.axis_name)
     if cfg.tracking == "range":
-        return _ritz_basis(means, basis, q_hats)
+        columns = [jnp.concatenate([q, jnp.moveaxis(v, 0, -1)], axis=-1)
+                   for q, v in zip(q_hats, vs, strict=True)]
+        return _ritz_basis(means, basis, q_hats)._replace(columns=columns, local=sends,
+                                                          mean=means)
     ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
     def tracked(y, u_prev):
@@ -540,6 +552,25 @@ def _reconstruct(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array) -> ja
     return subspace.reconstruct(u, zsel)   # U Zsel: the unsent rows of Zsel are zero
 
 
+def _pseudo_inverse(w: jax.Array) -> jax.Array:
+    """``W^+ = (W^T W)^{-1} W^T`` ``(k, c, b)`` of columns ``W`` ``(k, b, c)``, with a ridge
+    of ``1e-6`` times the largest squared column norm, so that a zero column (no room for
+    a probe outside ``span(Q_hat)``, ``b = r``) gets a zero row."""
+    wt = jnp.swapaxes(w, -1, -2)
+    gram = wt @ w
+    ridge = 1e-6 * jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
+    gram = gram + ridge[..., None, None] * jnp.eye(w.shape[-1], dtype=w.dtype)
+    return _one_matrix_at_a_time(jnp.linalg.solve, gram, wt)
+
+
+def _with_columns(c: jax.Array, y: jax.Array, w: jax.Array, w_pinv: jax.Array) -> jax.Array:
+    """Range tracking's output ``U_J R + (I - U_J U_J^T) H P_W`` ``(k, a, b)``, from ``c =
+    U_J R`` (``R = U_J^T H``): the rows sent, plus the part of ``H``'s projection onto
+    ``span(W)`` that they miss, known exactly from the tracking round ``Y = H W``. In the
+    code's form, ``c - c P_W + Y W^+`` with ``P_W = W W^+`` (``w_pinv``: ``W^+``)."""
+    return c - (c @ w) @ w_pinv + y @ w_pinv
+
+
 def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
                  sel: jax.Array, score: jax.Array, q_prev: jax.Array) -> jax.Array:
     """The tracking factor ``Q`` ``(k, b, r)`` for the next step: ``R_bar^T``, the averaged
@@ -570,6 +601,12 @@ def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tup
     c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, rs, sels, strict=True)]
     r_bar = collectives.pmean(rs, cfg.axis_name)
     c_bar = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, r_bar, sels, strict=True)]
+    if tracked is not None and tracked.columns is not None:   # range: nothing sent is lost
+        pinvs = [_pseudo_inverse(w) for w in tracked.columns]
+        c_local = [_with_columns(c, y, w, p) for c, y, w, p in
+                   zip(c_local, tracked.local, tracked.columns, pinvs, strict=True)]
+        c_bar = [_with_columns(c, y, w, p) for c, y, w, p in
+                 zip(c_bar, tracked.mean, tracked.columns, pinvs, strict=True)]
     if cfg.tracking != "off":
         factor = tuple(_next_factor(cfg, g, u, r, j, s_, q) for g, u, r, j, s_, q in zip(
             plan.groups, basis, r_bar, sels, scores, factor, strict=True))

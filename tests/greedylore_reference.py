@@ -14,7 +14,8 @@ basis completes ``T`` through the block reflector ``F``, written here from its f
 scores are the exact energy inside ``span(qr(Q))`` plus probes outside it; and
 ``tracking="range"``: the left singular vectors of ``Y = mean_i H_i [qr(Q), v']``, ``v'``
 the column probes with their part in ``span(qr(Q))`` removed, lead the basis, scored by
-their energy ``||u_j^T Y||^2``) and
+their energy ``||u_j^T Y||^2``; its output adds to the rows sent ``(I - P) H P_W``, ``P``
+the selected directions' projector and ``P_W`` the projector onto span([qr(Q), v'])) and
 group allocation (``allocation="group"``: the group's ``k r`` best scores over all of its
 matrices, ties to the lower flat index ``m a + j``).
 """
@@ -124,7 +125,7 @@ class GreedyLoreReference:
     def compressed(self, xs: dict) -> tuple[dict, dict]:
         """One compressed step of every compressible leaf: (local, mean) reconstructions."""
         in_cycle = (self.t - self.t0) % self.tau
-        scores = {}
+        scores, right = {}, {}   # right: range tracking's projector onto span([Q_hat, v'])
         for name in self.comp:
             tracked = self.tracking != "off" and (in_cycle - 1) % self.track_every == 0
             if tracked and self.tracking == "power":
@@ -136,8 +137,9 @@ class GreedyLoreReference:
                 q_hat = np.linalg.qr(self.Q[name])[0]
                 v = self.probes(name, columns=True)
                 v = v - (v @ q_hat) @ q_hat.T                       # (p, b), outside span
-                y = np.mean([x @ np.concatenate([q_hat, v.T], axis=1) for x in xs[name]],
-                            axis=0)
+                w = np.concatenate([q_hat, v.T], axis=1)
+                y = np.mean([x @ w for x in xs[name]], axis=0)
+                right[name] = w @ np.linalg.pinv(w, rcond=1e-6)
                 self.U[name] = _complete(np.linalg.svd(y, full_matrices=False)[0],
                                          self.U[name])
                 scores[name] = np.sum((self.U[name].T @ y) ** 2, axis=1)
@@ -162,6 +164,11 @@ class GreedyLoreReference:
             r_bar = np.mean(rs, axis=0)
             c_local[name] = [p @ rr for rr in rs]
             c_bar[name] = p @ r_bar
+            if name in right:   # + the part of H P_W outside span(U[:, J])
+                miss = np.eye(p.shape[0]) - p @ p.T
+                c_local[name] = [c + miss @ x @ right[name]
+                                 for c, x in zip(c_local[name], xs[name], strict=True)]
+                c_bar[name] = c_bar[name] + miss @ np.mean(xs[name], axis=0) @ right[name]
             if self.tracking != "off":
                 if self.allocation == "matrix":
                     self.Q[name] = r_bar.T
