@@ -109,7 +109,7 @@ def test_no_arguments_runs_the_default_comparison(monkeypatch, capsys, tmp_path)
 
     def fake_compare(config, compressors, out_dir, main_process=True):
         seen.update(config=config, compressors=compressors, out_dir=out_dir)
-        return {"config": {"task": config.task}, "skipped": {}, "runs": {
+        return {"config": {"task": config.task}, "runs": {
             "dense": {"summary": {"train_loss": 0.1, "test_loss": 0.2, "test_accuracy": 0.9,
                                   "bits_sent": 10, "compression": 1.0, "time_s": 1.0}}}}
 

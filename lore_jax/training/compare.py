@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,36 +43,28 @@ def compare(
     Args:
       config: the shared settings; its ``compressor``, ``log`` and checkpoint fields are
         replaced per run.
-      compressors: names from :data:`lore_jax.training.optimizers.COMPRESSORS`. A
-        compressor this installation lacks is skipped with a note on stderr.
+      compressors: names from :data:`lore_jax.training.optimizers.COMPRESSORS`.
       out_dir: if given, per-run JSON-lines logs, ``compare.json`` and ``compare.png``
         are written there (by process 0).
       main_process: whether this process writes files and notes.
 
     Returns:
-      ``{"config": ..., "runs": {name: {"summary", "curve", "evals"}}, "skipped": {...}}``
+      ``{"config": ..., "runs": {name: {"summary", "curve", "evals"}}}``
       where ``curve`` holds per-step ``step``, ``loss`` and ``bits_sent`` lists.
 
     Raises:
-      TrainingError: an unknown compressor name, or no compressor could run.
+      TrainingError: an unknown compressor name.
     """
     unknown = [c for c in compressors if c not in optimizers.COMPRESSORS]
     if unknown:
         raise TrainingError(f"unknown compressor {unknown[0]!r}; choose from "
                             f"{', '.join(optimizers.COMPRESSORS)}.")
     out = Path(out_dir) if out_dir is not None else None
-    results: dict[str, Any] = {"config": None, "runs": {}, "skipped": {}}
+    results: dict[str, Any] = {"config": None, "runs": {}}
     for name in compressors:
         run_cfg = dataclasses.replace(
             config, compressor=name, checkpoint_dir=None, resume=False,
             log=str(out / f"{name}.jsonl") if out is not None else None)
-        try:
-            optimizers.make_optimizer(name)  # availability check, before any training
-        except optimizers.CompressorError as e:
-            results["skipped"][name] = str(e)
-            if main_process:
-                print(f"lore-jax: skipping {name}: {e}", file=sys.stderr)
-            continue
         run = train(run_cfg)
         results["config"] = {k: v for k, v in run.config.items()
                              if k not in ("compressor", "log", "checkpoint_dir", "resume")}
@@ -82,9 +73,6 @@ def compare(
             "evals": run.evals,
             "curve": {k: [h[k] for h in run.history] for k in ("step", "loss", "bits_sent")},
         }
-    if not results["runs"]:
-        raise TrainingError("none of the requested compressors is available: "
-                            + "; ".join(results["skipped"].values()))
     if out is not None and main_process:
         save_results(results, out)
     return results

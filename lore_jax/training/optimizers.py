@@ -17,12 +17,14 @@ gradients over the axis before updating.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import optax
 
-from lore_jax import accounting, collectives
+from lore_jax import accounting, collectives, compressors
+from lore_jax.compressed_mean import compressed_mean
+from lore_jax.greedylore import greedylore
 from lore_jax.training.errors import TrainingError
 
 COMPRESSORS = ("dense", "greedylore", "powersgd", "random")
@@ -73,7 +75,7 @@ def dense_mean(axis_name: Hashable | None = "data") -> optax.GradientTransformat
 
 
 class CompressorError(TrainingError):
-    """An unknown or unavailable compressor or optimizer was asked for."""
+    """An unknown compressor, optimizer or schedule was asked for."""
 
 
 def learning_rate_schedule(learning_rate: float, schedule: str = "constant",
@@ -97,21 +99,6 @@ def base_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, momentum: f
     if name == "sgd":
         return optax.sgd(learning_rate, momentum=momentum or None)
     raise CompressorError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
-
-
-def _compressor_factory(name: str) -> Any:
-    """The :mod:`lore_jax.compressors` constructor behind ``name``."""
-    attr = {"powersgd": "powersgd", "random": "random_projection"}[name]
-    try:
-        from lore_jax import compressors
-    except ImportError:
-        compressors = None
-    factory = getattr(compressors, attr, None)
-    if not callable(factory):
-        raise CompressorError(
-            f"compressor {name!r} is not available in this installation of lore_jax "
-            f"(lore_jax.compressors has no {attr}); choose dense or greedylore.")
-    return factory
 
 
 def make_optimizer(
@@ -159,15 +146,13 @@ def make_optimizer(
       An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
 
     Raises:
-      CompressorError: unknown names, or a compressor this installation lacks.
+      CompressorError: an unknown compressor, optimizer or schedule name.
     """
     base = base_optimizer(optimizer, learning_rate_schedule(learning_rate, schedule, total_steps),
                           momentum)
     if compressor == "dense":
         return optax.chain(dense_mean(axis_name), base)
     if compressor == "greedylore":
-        from lore_jax import greedylore
-
         return optax.chain(
             greedylore(rank, update_interval=update_interval, warmup_steps=warmup_steps,
                        axis_name=axis_name, error_feedback=error_feedback,
@@ -175,13 +160,8 @@ def make_optimizer(
                        allocation=allocation),
             base)
     if compressor in ("powersgd", "random"):
-        try:
-            from lore_jax.compressed_mean import compressed_mean
-        except ImportError:
-            raise CompressorError(
-                f"compressor {compressor!r} needs lore_jax.compressed_mean, which this "
-                f"installation lacks; choose dense or greedylore.") from None
-        factory = _compressor_factory(compressor)
+        factory = {"powersgd": compressors.powersgd,
+                   "random": compressors.random_projection}[compressor]
         return optax.chain(
             compressed_mean(factory(rank), axis_name=axis_name, error_feedback=error_feedback,
                             key=seed),
