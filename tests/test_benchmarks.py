@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import bytes_on_wire, overhead, refresh, time_to_target
+from benchmarks import bytes_on_wire, collectives, overhead, refresh, time_to_target
 
 
 def _written(tmp_path, name):
@@ -130,6 +130,28 @@ def test_train_run_stops_at_a_held_out_lm_target(mesh):
     n = len(dataset.x_test)
     np.testing.assert_array_equal(x, dataset.x_test[[round(i * (n - 1) / 63)
                                                      for i in range(64)]])
+
+
+def test_collectives_counts_the_ops_of_each_step(tmp_path):
+    collectives.main(["--out", str(tmp_path), "--mlp-layers", "3", "--width", "16",
+                      "--gpt-layers", "1", "--rank", "2", "--repeats", "1"])
+    d = _written(tmp_path, "collectives")
+    (mlp, gpt) = d["models"].values()
+    assert (mlp["leaves"], mlp["shapes"]) == (6, 2)
+    for model in (mlp, gpt):
+        rows = {r["method"]: r for r in model["rows"]}
+        # Dense: every leaf in one mean, which XLA keeps as one (tuple) all-reduce.
+        assert rows["dense"]["collectives"] == {"all-reduce": 1}
+        assert rows["dense"]["compile_vs_dense"] == 1.0
+        # GreedyLore's compressed step runs fewer collectives than its three branches hold,
+        # and at least its two rounds.
+        step, total = rows["greedylore"]["compressed_step"], rows["greedylore"]["collectives"]
+        assert 2 <= sum(step.values()) < sum(total.values())
+    for c in d["checks"]:   # each verdict is the one its figure gives
+        if "compile" in c["target"]:
+            assert c["met"] == (float(c["value"].rstrip("x")) <= 2)
+        else:
+            assert c["met"] == (int(c["value"].split()[0]) <= 5)
 
 
 def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
