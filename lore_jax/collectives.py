@@ -193,15 +193,57 @@ def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> 
 
 
 def pmean(tree: Any, axis_name: AxisName) -> Any:
-    """Mean over the data axis by one SUM all-reduce per leaf, then division by N.
+    """Mean over the data axis: one SUM all-reduce of every leaf together, then division
+    by N.
 
-    Inputs must be per-device (varying) values: a replicated input would be summed N
-    times. With ``axis_name=None`` this is the identity.
+    All leaves go into a single ``psum`` (one collective op of many operands), so a round
+    of a whole model's payloads is one all-reduce. Inputs must be per-device (varying)
+    values: a replicated input would be summed N times. With ``axis_name=None`` this is
+    the identity.
     """
     if axis_name is None:
         return tree
     n = axis_size(axis_name)
-    return jax.tree.map(lambda x: jax.lax.psum(x, axis_name) / jnp.asarray(n, x.dtype), tree)
+    summed = jax.lax.psum(tree, axis_name)
+    return jax.tree.map(lambda x: x / jnp.asarray(n, x.dtype), summed)
+
+
+def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array]) -> Any:
+    """``collective`` applied to the leaves packed into one flat buffer per dtype and per
+    set of mesh axes they vary over; its result keeps any leading axes it adds (an
+    all-gather's ``N``) in front of every leaf's shape."""
+    leaves, treedef = jax.tree.flatten(tree)
+    buckets: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        buckets.setdefault((jnp.dtype(x.dtype), varying_axes(x)), []).append(i)
+    out: list[Any] = [None] * len(leaves)
+    for members in buckets.values():
+        flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in members]))
+        ends = np.cumsum([leaves[i].size for i in members])[:-1]
+        for i, part in zip(members, jnp.split(flat, ends, axis=-1), strict=True):
+            out[i] = part.reshape(part.shape[:-1] + leaves[i].shape)
+    return treedef.unflatten(out)
+
+
+def pmean_packed(tree: Any, axis_name: AxisName) -> Any:
+    """:func:`pmean` with the leaves packed into one flat buffer per dtype (and per set of
+    other mesh axes they vary over): exactly one all-reduce per buffer, whatever XLA's
+    combiner would make of many small ones. For the small payloads of a compression
+    round; a dense gradient is better left to :func:`pmean`, which needs no copy.
+    """
+    if axis_name is None:
+        return tree
+    n = axis_size(axis_name)
+    return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
+                   / jnp.asarray(n, flat.dtype))
+
+
+def all_gather_packed(tree: Any, axis_name: AxisName) -> Any:
+    """:func:`all_gather` with the leaves packed as in :func:`pmean_packed`: one
+    all-gather per buffer."""
+    if axis_name is None:
+        return jax.tree.map(lambda x: x[None], tree)
+    return _packed(tree, lambda flat: all_gather(flat, axis_name))
 
 
 def all_gather(tree: Any, axis_name: AxisName) -> Any:

@@ -8,10 +8,16 @@ One step, per gradient leaf, on device ``i`` of ``N`` (the arrows of the data fl
 Linear compressors (shared randomness or shared factors) are all-reduced: the mean of the
 payloads is decompressed once. The others are all-gathered: every device decompresses
 the ``N`` payloads and averages them. Either way the output is identical on every device.
+
+Matrix compressors with ``groups`` (PowerSGD, random projection, greedy SVD) take the
+middle three arrows for the whole model at once (``_send_grouped``): same-shape matrices
+stacked, each collective round packed into one buffer, so a step's collectives do not
+grow with the number of leaves. The others take them leaf by leaf (``_send_leaf``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +27,7 @@ import optax
 
 from lore_jax import accounting, collectives, subspace
 from lore_jax import error_feedback as ef
-from lore_jax.compressors.base import DENSE, Compressor, work_dtype
+from lore_jax.compressors.base import DENSE, Compressor, MatrixGroups, work_dtype
 
 
 class CompressedMeanState(NamedTuple):
@@ -140,6 +146,105 @@ def _send_leaf(leaf: _Leaf, key: jax.Array, x: jax.Array, cstate: Any,
     return (_unpieces(c_local, leaf.view), _unpieces(c_bar, leaf.view), new_state, nbits)
 
 
+class _Slot(NamedTuple):
+    """Where one matrix of a leaf goes: its group and position there, or dense."""
+
+    group: Hashable | None   # (a, b, model axes), or (leaf, piece); None: sent dense
+    index: int               # position in its group's stack, or among the dense pieces
+    view: subspace.MatrixView | None
+
+
+def _route(groups: MatrixGroups, plans: list[_Leaf], xs: list[jax.Array],
+           axis_name: collectives.AxisName, by_shape: bool
+           ) -> tuple[list[list[_Slot]], dict, list]:
+    """Assigns every matrix of every leaf to a stack of same-shape matrices (or dense);
+    with ``by_shape=False`` every matrix is a stack of its own.
+
+    Returns ``(slots, members, dense)``: per leaf the slot of each of its pieces, per
+    group the ``(leaf, piece)`` pairs in stack order, and the dense ``(leaf, piece)``
+    pairs in order.
+    """
+    slots, members, dense = [], {}, []
+    for i, (leaf, x) in enumerate(zip(plans, xs, strict=True)):
+        row = []
+        for j, piece in enumerate(_pieces(x, leaf.view)):
+            view = groups.view(piece.shape) if leaf.compressor is not DENSE else None
+            if view is None:
+                row.append(_Slot(None, len(dense), None))
+                dense.append((i, j))
+                continue
+            axes = collectives.mesh_order(collectives.varying_axes(piece) - {axis_name})
+            key = (view.a, view.b, axes) if by_shape else (i, j)
+            row.append(_Slot(key, len(members.setdefault(key, [])), view))
+            members[key].append((i, j))
+        slots.append(row)
+    return slots, members, dense
+
+
+def _stack(trees: list[Any]) -> Any:
+    return None if trees[0] is None else jax.tree.map(lambda *t: jnp.stack(t), *trees)
+
+
+def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
+                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
+                  by_shape: bool = True) -> list[tuple[jax.Array, jax.Array, Any, list]]:
+    """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
+
+    Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
+    (:class:`~lore_jax.compressors.base.MatrixGroups`), and every round, inner ones
+    included, carries all groups at once; dense pieces travel with the payloads (linear
+    compressors) or in one mean of their own. Returns what :func:`_send_leaf` returns,
+    per leaf, with the same keys, states and results as one matrix at a time.
+    """
+    groups = compressor.groups
+    slots, members, dense = _route(groups, plans, xs, axis_name, by_shape)
+    pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
+    states = [[s] if len(p) == 1 else list(s) for p, s in zip(pieces, cstates, strict=True)]
+    pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
+    order = list(members)
+    ms = [jnp.stack([subspace.orient(pieces[i][j], slots[i][j].view) for i, j in members[g]])
+          for g in order]
+    ks = [jnp.stack([pkeys[i][j] for i, j in members[g]]) for g in order]
+    sts = [_stack([states[i][j] for i, j in members[g]]) for g in order]
+    dense_x = [pieces[i][j] for i, j in dense]
+
+    def mean(tree):   # one all-reduce per round for the whole model
+        return collectives.pmean_packed(tree, axis_name)
+
+    payloads, shared = groups.compress(ks, ms, sts, mean)
+    c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
+    if compressor.linear:
+        mean_payloads, dense_bar = mean((payloads, dense_x))
+        c_bar = [groups.decompress(p, sh) for p, sh in zip(mean_payloads, shared, strict=True)]
+        if groups.next_state is not None:
+            sts = [st if st is None else groups.next_state(st, mp)
+                   for st, mp in zip(sts, mean_payloads, strict=True)]
+    else:
+        gathered = collectives.all_gather_packed(payloads, axis_name)
+        c_bar = [jnp.mean(jax.vmap(lambda p, sh=sh: groups.decompress(p, sh))(g), axis=0)
+                 for g, sh in zip(gathered, shared, strict=True)]
+        dense_bar = mean(dense_x)
+    where = {g: n for n, g in enumerate(order)}
+
+    def piece_out(i, j, slot):
+        x = pieces[i][j]
+        if slot.group is None:
+            return x, dense_bar[slot.index], states[i][j], accounting.bits_of(x.shape, x.dtype)
+        n = where[slot.group]
+        state = None if sts[n] is None else jax.tree.map(lambda t: t[slot.index], sts[n])
+        return (subspace.unorient(c_local[n][slot.index], slot.view, x.dtype),
+                subspace.unorient(c_bar[n][slot.index], slot.view, x.dtype), state,
+                groups.bits(slot.view.a, slot.view.b))
+
+    out = []
+    for i, leaf in enumerate(plans):
+        parts = [piece_out(i, j, slot) for j, slot in enumerate(slots[i])]
+        loc, bar, new_states, nbits = (list(r) for r in zip(*parts, strict=True))
+        out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view),
+                    new_states[0] if len(parts) == 1 else tuple(new_states), nbits))
+    return out
+
+
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any) -> None:
     """Raises a ValueError naming the gradient leaves the state was not initialised for.
 
@@ -189,6 +294,7 @@ def compressed_mean(
     error_feedback: ef.ErrorFeedback = "ef14",
     key: Any = None,
     weight_dimension_numbers: Any = None,
+    batch_by_shape: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """The mean over devices of compressed gradients, with error feedback.
 
@@ -225,9 +331,18 @@ def compressed_mean(
     top-k did not select) keeps its old memory.
 
     Matrices: a matrix compressor (``compressor.matrix``: PowerSGD, random projection,
-    greedy SVD) is given every matrix of a leaf on its own, as ``weight_dimension_numbers``
-    cut it (optax's convention; see :func:`lore_jax.greedylore`), with its own state, and
-    vectors and biases are sent dense. Other compressors see whole leaves.
+    greedy SVD) compresses every matrix of a leaf, as ``weight_dimension_numbers`` cut
+    it (optax's convention; see :func:`lore_jax.greedylore`), with its own state, and
+    vectors and biases are sent dense. Other compressors see whole leaves. With
+    ``compressor.groups`` (every low-rank compressor of lore_jax), the whole model is
+    compressed at once: same-shape matrices are stacked (``batch_by_shape``) so that one
+    batched matmul / QR / SVD serves each shape, and each collective round, PowerSGD's
+    inner one included, packs every matrix's payload and the dense leaves into one
+    all-reduce (all-gather for greedy SVD), so the collectives per step do not grow with
+    the number of leaves. The keys, states and results are those of compressing one
+    matrix at a time. ``batch_by_shape=False`` keeps the packed rounds but computes
+    matrix by matrix, which avoids stacking copies (faster on simulated CPU devices in
+    ``benchmarks/collectives.py``).
 
     Model-sharded parameters: each device compresses the shard it holds and only
     ``axis_name`` is communicated; compressor states and trackers of a shard vary over
@@ -247,6 +362,8 @@ def compressed_mean(
         (default: seed 0). Must be the same on every device.
       weight_dimension_numbers: which axes of each leaf form the matrix, for matrix
         compressors (as in :func:`lore_jax.greedylore`); default: the Flax conventions.
+      batch_by_shape: stack same-shape matrices into one batched compression (matrix
+        compressors with ``groups``); ``False``: one matrix at a time, rounds still packed.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(grads, state, params=None)``
@@ -255,7 +372,8 @@ def compressed_mean(
       :func:`lore_jax.state_specs` of it to ``shard_map``: the error memory is per device.
 
     Raises:
-      TypeError: a bad ``compressor``, or (at trace time) a non-float gradient leaf.
+      TypeError: a bad ``compressor`` or ``batch_by_shape``, or (at trace time) a
+        non-float gradient leaf.
       ValueError: an unknown ``error_feedback`` or a bad ``key``; at trace time, an
         ``axis_name`` that is not bound, gradients already summed over it, or gradients
         that do not match the parameters the state was initialised with.
@@ -283,6 +401,8 @@ def compressed_mean(
             f"compressor must be a lore_jax.compressors.Compressor (e.g. "
             f"compressors.top_k(k)), got {type(compressor).__name__}."
         )
+    if not isinstance(batch_by_shape, bool):
+        raise TypeError(f"batch_by_shape must be True or False, got {batch_by_shape!r}.")
     mode = ef.validate(error_feedback)
     collectives.check_axis_name(axis_name, "compressed_mean")
     base_key = collectives.as_key(key)
@@ -325,16 +445,23 @@ def compressed_mean(
         device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
         local_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
 
+        local_errors = [None if e is None else e[0] for e in errors]
+        xs = [ef.compress_input(mode, g, e) for g, e in zip(leaves, local_errors, strict=True)]
+        keys = [jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
+                for i, leaf in enumerate(plans)]
+        # Compressed in the gradient's dtype; the memory absorbs the rounding.
+        sends = [x.astype(g.dtype) for x, g in zip(xs, leaves, strict=True)]
+        if compressor.groups is not None:
+            sent = _send_grouped(compressor, plans, keys, sends, cstates, axis_name,
+                                 batch_by_shape)
+        else:
+            sent = [_send_leaf(leaf, k, x, cs, axis_name)
+                    for leaf, k, x, cs in zip(plans, keys, sends, cstates, strict=True)]
+
         outs, new_errors, new_trackers, new_cstates = [], [], [], []
         bits_static, bits_traced = 0, []
-        for i, (leaf, g, e, h, cs) in enumerate(
-                zip(plans, leaves, errors, trackers, cstates, strict=True)):
-            e = None if e is None else e[0]
-            x = ef.compress_input(mode, g, e)
-            leaf_key = jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
-            # Compressed in the gradient's dtype; the memory absorbs the rounding.
-            c_local, c_bar, cs, nbits = _send_leaf(leaf, leaf_key, x.astype(g.dtype), cs,
-                                                   axis_name)
+        for i, (g, e, x, h, (c_local, c_bar, cs, nbits)) in enumerate(
+                zip(leaves, local_errors, xs, trackers, sent, strict=True)):
             e = ef.local_update(mode, e, x, c_local)
             out, h = ef.output(mode, h, c_bar)
             outs.append(out.astype(g.dtype))

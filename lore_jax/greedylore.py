@@ -342,21 +342,6 @@ def _phase_index(cfg: _Config, t: jax.Array) -> jax.Array:
     return jnp.where(since < 0, _WARMUP, jnp.where(in_cycle == 0, _REFRESH, compressed))
 
 
-def _one_matrix_at_a_time(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
-    """``fn(*stacks)`` on a group's stacks of matrices; on CPU, one matrix per LAPACK call.
-
-    jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh) split a batch over XLA's intra-op
-    thread pool and block until it is done. When several devices of one process (e.g.
-    simulated CPU devices) refresh at once they can occupy every pool thread while
-    waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
-    platforms keep the batched call.
-    """
-    def one_at_a_time(*stacks):
-        return jax.lax.map(lambda xs: fn(*xs), stacks)
-
-    return jax.lax.platform_dependent(*stacks, cpu=one_at_a_time, default=fn)
-
-
 def _exact_basis(h: jax.Array) -> jax.Array:
     return subspace.svd_basis(h)[0]
 
@@ -366,13 +351,13 @@ def _refresh_basis(cfg: _Config, group: _Group, h: jax.Array, u_prev: jax.Array,
     """``U = svd(Hbar).U`` (``refresh="svd"``), or the warm-started subspace iteration of
     :func:`lore_jax.subspace.subspace_iteration_basis` after the first refresh."""
     if cfg.refresh == "svd":
-        return _one_matrix_at_a_time(_exact_basis, h)
+        return subspace.per_matrix(_exact_basis, h)
 
     def fast(h, u):
         return subspace.subspace_iteration_basis(h, u, group.rank, cfg.refresh_iters)[0]
 
-    return jax.lax.cond(first, lambda h, u: _one_matrix_at_a_time(_exact_basis, h),
-                        lambda h, u: _one_matrix_at_a_time(fast, h, u), h, u_prev)
+    return jax.lax.cond(first, lambda h, u: subspace.per_matrix(_exact_basis, h),
+                        lambda h, u: subspace.per_matrix(fast, h, u), h, u_prev)
 
 
 def _initial_factor(h: jax.Array, u: jax.Array, rank: int) -> jax.Array:
@@ -442,7 +427,7 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     Y||^2``; with shared probes their outside part ``mean_i H_i v (I - Q_hat Q_hat^T)``
     (``a`` floats per probe) travels in the same all-reduce.
     """
-    q_hats = [_one_matrix_at_a_time(subspace.orthonormal_columns, q) for q in factor]
+    q_hats = [subspace.per_matrix(subspace.orthonormal_columns, q) for q in factor]
     sends = [x @ q for x, q in zip(xs, q_hats, strict=True)]
     columns = cfg.probes == "shared" or cfg.tracking == "range"   # probes as (k, b) columns
     if columns:
@@ -461,7 +446,7 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     def tracked(y, u_prev):
         return subspace.complete_basis(subspace.orthonormal_columns(y), u_prev)
 
-    basis = [_one_matrix_at_a_time(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
+    basis = [subspace.per_matrix(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
     in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ y), axis=-1)
                for u, y in zip(basis, ys, strict=True)]
     lams = None
@@ -480,7 +465,7 @@ def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -
         left = jnp.linalg.svd(y, full_matrices=False)[0]
         return subspace.complete_basis(left, u_prev)
 
-    new = [_one_matrix_at_a_time(ritz, m, u) for m, u in zip(means, basis, strict=True)]
+    new = [subspace.per_matrix(ritz, m, u) for m, u in zip(means, basis, strict=True)]
     in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ m), axis=-1)
                for u, m in zip(new, means, strict=True)]
     return _Tracked(new, q_hats, in_span, None)
@@ -560,7 +545,7 @@ def _pseudo_inverse(w: jax.Array) -> jax.Array:
     gram = wt @ w
     ridge = 1e-6 * jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
     gram = gram + ridge[..., None, None] * jnp.eye(w.shape[-1], dtype=w.dtype)
-    return _one_matrix_at_a_time(jnp.linalg.solve, gram, wt)
+    return subspace.per_matrix(jnp.linalg.solve, gram, wt)
 
 
 def _with_columns(c: jax.Array, y: jax.Array, w: jax.Array, w_pinv: jax.Array) -> jax.Array:

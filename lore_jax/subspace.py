@@ -13,7 +13,7 @@ directions, ``P = U[:, J]``, ``R = P^T H = Z[J, :]`` and the reconstruction ``P 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -340,6 +340,21 @@ def complete_basis(top: jax.Array, u_prev: jax.Array) -> jax.Array:
     w = u_prev[..., :p] + u_prev @ c_rot                     # U_prev (E + C')
     rest = u_prev[..., p:] - (w @ m_inv) @ jnp.swapaxes(c_rot[..., p:, :], -1, -2)
     return jnp.concatenate([top, rest], axis=-1)
+
+
+def per_matrix(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
+    """``fn(*stacks)`` on stacks of matrices ``(k, ...)``; on CPU, one matrix per LAPACK call.
+
+    jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, LU) split a batch over XLA's intra-op
+    thread pool and block until it is done. When several devices of one process (e.g.
+    simulated CPU devices) factorize at once they can occupy every pool thread while
+    waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
+    platforms keep the batched call.
+    """
+    def one_at_a_time(*stacks):
+        return jax.lax.map(lambda xs: fn(*xs), stacks)
+
+    return jax.lax.platform_dependent(*stacks, cpu=one_at_a_time, default=fn)
 
 
 def orthonormal_columns(y: jax.Array) -> jax.Array:

@@ -120,39 +120,99 @@ def test_runs_under_pmap():
         np.testing.assert_allclose(state.error[name][:, 0], g[name] - c, rtol=1e-5, atol=1e-6)
 
 
-def test_powersgd_matches_numpy_reference(mesh):
-    params = {"w": jnp.zeros((8, 32)), "tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))}
-    rank = 2
-    _, state, step = setup(C.powersgd(rank), mesh, params)
-    q = {k: np.asarray(state.compressor_state[k], np.float64) for k in ("w", "tall")}
-    assert state.compressor_state["b"] is None
+def np_powersgd(x: np.ndarray, q: np.ndarray, tall: bool) -> tuple:
+    """One PowerSGD step of the device matrices ``x`` ``(N, rows, cols)`` from warm start
+    ``q``: (mean output, local reconstructions, new ``q``), float64."""
+    m = np.swapaxes(x, 1, 2) if tall else x                     # oriented (N, a, b)
+    p_hat = np.linalg.qr(np.mean(m @ q, axis=0))[0]             # all-reduce #1
+    q_i = np.swapaxes(m, 1, 2) @ p_hat                          # (N, b, r)
+    q = q_i.mean(0)                                             # all-reduce #2
+    c, want = p_hat @ np.swapaxes(q_i, 1, 2), p_hat @ q.T
+    if tall:
+        c, want = np.swapaxes(c, 1, 2), want.T
+    return want, c, q
+
+
+def check_powersgd(mesh, params, rank, steps=3, **kwargs):
+    """compressed_mean(powersgd) against :func:`np_powersgd`, leaf by leaf; returns the
+    compiled step's collectives and the final state."""
+    _, state, step = setup(C.powersgd(rank), mesh, params, **kwargs)
+    mats = [k for k, v in params.items() if v.ndim == 2]
+    q = {k: np.asarray(state.compressor_state[k], np.float64) for k in mats}
     e = {k: np.zeros((N,) + v.shape) for k, v in params.items()}
-    for t in range(3):
+    for t in range(steps):
         g = device_grads(t, params)
         out, state = step(put(g, mesh), state)
         for k in params:
             x = g[k].astype(np.float64) + e[k]
-            if k == "b":  # a vector: sent dense
+            if k in mats:
+                want, c, q[k] = np_powersgd(x, q[k], tall=x.shape[1] > x.shape[2])
+            else:  # a vector: sent dense
                 want, c = x.mean(0), x
-            else:
-                tall = k == "tall"
-                m = np.swapaxes(x, 1, 2) if tall else x               # oriented (N, a, b)
-                p_hat = np.linalg.qr(np.mean(m @ q[k], axis=0))[0]      # all-reduce #1
-                q_i = np.swapaxes(m, 1, 2) @ p_hat                     # (N, b, r)
-                q[k] = q_i.mean(0)                                     # all-reduce #2
-                c = p_hat @ np.swapaxes(q_i, 1, 2)
-                want = p_hat @ q[k].T
-                if tall:
-                    c, want = np.swapaxes(c, 1, 2), want.T
             e[k] = x - c
             np.testing.assert_allclose(out[k], want, atol=2e-5)
             np.testing.assert_allclose(state.error[k], e[k], atol=2e-5)
-    np.testing.assert_allclose(state.compressor_state["w"], q["w"], atol=2e-5)
+    for k in mats:
+        np.testing.assert_allclose(state.compressor_state[k], q[k], atol=2e-5)
+    cols = hlo_collectives(step.lower(put(device_grads(0, params), mesh), state)
+                           .compile().as_text())
+    return cols, state
+
+
+def test_powersgd_matches_numpy_reference(mesh):
+    params = {"w": jnp.zeros((8, 32)), "tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))}
+    rank = 2
+    cols, state = check_powersgd(mesh, params, rank)
+    assert state.compressor_state["b"] is None
     # Two all-reduces per matrix (a r and b r floats) plus the dense vector.
     spec = 32 * rank * (8 + 32) + 32 * rank * (6 + 24) + 32 * 64
-    ops, bits = collectives_of(step, put(device_grads(0, params), mesh), state)
-    assert ops == {"all-reduce"} and bits == spec
+    assert {c["op"] for c in cols} == {"all-reduce"} and sum(c["bits"] for c in cols) == spec
     assert counter_value(state.bits_sent) == 3 * spec
+
+
+@pytest.mark.parametrize("by_shape", [True, False], ids=["stacked", "matrix-by-matrix"])
+def test_powersgd_of_many_leaves_runs_in_two_all_reduces(mesh, by_shape):
+    """Same-shape matrices stacked (or not), every round packed: the NumPy reference leaf
+    by leaf, and two all-reduce ops per step for the whole model (PowerSGD's inner round,
+    then the payloads with the dense vectors), however many leaves."""
+    params = {f"w{i}": jnp.zeros((8, 32)) for i in range(4)}
+    params.update({f"tall{i}": jnp.zeros((24, 6)) for i in range(3)})
+    params.update({"b0": jnp.zeros((64,)), "b1": jnp.zeros((8,)), "sq": jnp.zeros((6, 6))})
+    cols, _ = check_powersgd(mesh, params, 2, batch_by_shape=by_shape)
+    assert [c["op"] for c in cols] == ["all-reduce", "all-reduce"]
+
+
+@pytest.mark.parametrize("comp, ops", [(C.random_projection(2), ["all-reduce"]),
+                                       (C.greedy_svd(2), ["all-gather", "all-reduce"])],
+                         ids=["random_projection", "greedy_svd"])
+def test_one_round_compressors_of_many_leaves_send_one_collective(mesh, comp, ops):
+    params = {f"w{i}": jnp.zeros((8, 32)) for i in range(5)}
+    params.update({"tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))})
+    _, state, step = setup(comp, mesh, params)
+    g = put(device_grads(1, params), mesh)
+    cols = hlo_collectives(step.lower(g, state).compile().as_text())
+    assert sorted(c["op"] for c in cols) == ops
+    out, new = step(g, state)
+    sent = counter_value(new.bits_sent)
+    assert sent == sum(comp.bits(v.shape) for v in params.values()) - (
+        32 * 6 if comp.name.startswith("random") else 0)   # seeds: counted, never sent
+    # The output equals the per-leaf compressor on the mean (linear) or the mean of
+    # the per-device reconstructions (greedy SVD), leaf by leaf.
+    for name, v in params.items():
+        x = jnp.asarray(device_grads(1, params)[name])
+        leaf_key = None
+        if v.ndim == 2 and comp.linear:
+            i = list(sorted(params)).index(name)
+            step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), 0)
+            leaf_key = jax.random.fold_in(jax.random.fold_in(step_key, 0), i)
+        if v.ndim == 2 and not comp.linear:
+            recs = [comp.decompress(*comp.compress(None, x[d])) for d in range(N)]
+            want = np.mean(np.asarray(recs), axis=0)
+        elif v.ndim == 2:
+            want = comp.decompress(*comp.compress(leaf_key, x.mean(0)))
+        else:
+            want = x.mean(0)
+        np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-5)
 
 
 def test_shared_seed_random_k_is_unbiased_across_devices(mesh):
@@ -340,6 +400,8 @@ def test_bad_arguments_raise_at_construction():
         compressed_mean(optax.sgd(0.1))
     with pytest.raises(ValueError, match="key"):
         compressed_mean(C.top_k(2), key="seed")
+    with pytest.raises(TypeError, match="batch_by_shape must be True or False, got 'yes'"):
+        compressed_mean(C.powersgd(2), batch_by_shape="yes")
 
 
 def test_non_float_gradients_and_unbound_axis_raise_at_trace_time():

@@ -28,7 +28,14 @@ The constants are derived in the lore_jax spec, consistent with the framework of
 Khirirat, Feyzmahdavian and Johansson (2018); they are not quoted from that paper.
 """
 
-from lore_jax.compressors.base import KINDS, Compressor, Context, as_contraction, identity
+from lore_jax.compressors.base import (
+    KINDS,
+    Compressor,
+    Context,
+    MatrixGroups,
+    as_contraction,
+    identity,
+)
 from lore_jax.compressors.lowrank import greedy_svd, powersgd, random_projection
 from lore_jax.compressors.packing import index_bits, pack_bits, unpack_bits
 from lore_jax.compressors.quantize import grid_rounding, qsgd, stochastic_rounding, terngrad
@@ -39,6 +46,7 @@ __all__ = [
     "KINDS",
     "Compressor",
     "Context",
+    "MatrixGroups",
     "as_contraction",
     "bernoulli",
     "greedy_svd",

@@ -36,10 +36,16 @@ A :class:`Compressor` is a bundle of pure functions acting on one gradient leaf 
   replicated compressor state (PowerSGD's warm-start factor); ``None`` for stateless
   compressors. Only linear compressors carry state.
 * ``matrix``: whether it compresses matrices (the low-rank families). Such a compressor
-  is handed one matrix at a time by :func:`lore_jax.compressed_mean`, as the transform's
-  ``weight_dimension_numbers`` cut the leaf (:func:`lore_jax.subspace.resolve_views`),
-  and leaves that are not matrices (vectors, biases) are sent dense; called directly on a
-  leaf, it views an N-D leaf as ``(prod(shape[:-1]), shape[-1])``.
+  is handed the matrices of each leaf by :func:`lore_jax.compressed_mean`, as the
+  transform's ``weight_dimension_numbers`` cut the leaf
+  (:func:`lore_jax.subspace.resolve_views`), and leaves that are not matrices (vectors,
+  biases) are sent dense; called directly on a leaf, it views an N-D leaf as
+  ``(prod(shape[:-1]), shape[-1])``.
+* ``groups`` (optional, :class:`MatrixGroups`): a matrix compressor's functions on stacks
+  of same-shape matrices, all groups of a model in one call, so that
+  :func:`lore_jax.compressed_mean` batches by shape and packs each collective round of
+  the whole model into one buffer. The low-rank compressors implement ``compress`` and
+  ``decompress`` of one leaf as a stack of one.
 
 All constants are derived in the lore_jax spec, consistent with the framework of Khirirat,
 Feyzmahdavian and Johansson (2018); they are not quoted from that paper.
@@ -94,6 +100,34 @@ def _buffer_bits(payload: Any, ctx: Context) -> int:
     return tree_bits(payload)
 
 
+class MatrixGroups(NamedTuple):
+    """A matrix compressor's functions on stacks of same-shape matrices, every group at once.
+
+    :func:`lore_jax.compressed_mean` stacks a model's same-shape matrices into groups
+    ``(k, a, b)`` (oriented, float32) and compresses all groups together, so that one
+    batched factorization serves a group and each collective round carries every group
+    (one all-reduce per round for the whole model).
+
+    Attributes:
+      view: ``(shape) -> MatrixView | None``: the oriented view of a ``(rows, cols)``
+        matrix, or ``None`` when it is sent dense (the compressor's size gate).
+      compress: ``(keys, ms, states, mean) -> (payloads, shared)``: lists with one entry
+        per group; ``keys`` ``(k,)`` per-matrix keys (or ``None`` where ``states`` are
+        given), ``ms`` ``(k, a, b)``, ``states`` the stacked states (or ``None``);
+        ``mean`` averages a list of per-device arrays over devices in one collective.
+      decompress: ``(payload, shared) -> (k, a, b)`` for one group.
+      bits: ``(a, b) -> int``, the payload bits of one matrix.
+      next_state: ``(state, mean_payload) -> state`` for one group (stacked), after the
+        all-reduce; ``None`` for stateless compressors.
+    """
+
+    view: Callable[[Shape], Any]
+    compress: Callable[..., tuple[list, list]]
+    decompress: Callable[[Any, Any], jax.Array]
+    bits: Callable[[int, int], int]
+    next_state: Callable[[Any, Any], Any] | None = None
+
+
 class Compressor(NamedTuple):
     """A gradient compressor: pure functions plus its declared class and constant.
 
@@ -109,7 +143,11 @@ class Compressor(NamedTuple):
         (default: the size of the payload's arrays).
       init: ``(key, shape, dtype) -> state``, the replicated compressor state.
       next_state: ``(state, mean_payload, ctx) -> state`` after the all-reduce.
-      matrix: it compresses matrices (given one matrix at a time by the transforms).
+      matrix: it compresses matrices (given one matrix, or with ``groups`` stacks of
+        same-shape matrices, by the transforms).
+      groups: a matrix compressor's :class:`MatrixGroups`, with which
+        :func:`lore_jax.compressed_mean` compresses same-shape matrices as one stack and
+        every group's round in one collective; ``None``: one matrix at a time.
     """
 
     name: str
@@ -123,6 +161,7 @@ class Compressor(NamedTuple):
     init: Callable[[jax.Array, Shape, Any], Any] = _no_state
     next_state: Callable[[Any, Any, Context], Any] = _keep_state
     matrix: bool = False
+    groups: MatrixGroups | None = None
 
     def _constant(self, kind: str, x: Sequence[int] | jax.Array) -> Any:
         if self.kind != kind:

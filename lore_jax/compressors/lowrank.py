@@ -28,60 +28,88 @@ def _view(shape, rank: int, floats_per_rank) -> subspace.MatrixView | None:
     return view
 
 
-def _lowrank(name, kind, linear, rank, floats_per_rank, compress_matrix, decompress_matrix,
+def _first(tree):
+    return jax.tree.map(lambda t: t[0], tree)
+
+
+def _lowrank(name, kind, linear, rank, floats_per_rank, compress_groups, decompress_group,
              constant, seed_bits=0, init=None, next_state=None):
-    """Wraps matrix-level functions into a :class:`Compressor` with the dense fallback."""
+    """Wraps the stack-level functions into a :class:`Compressor` with the dense fallback.
+
+    ``compress_groups(keys, ms, states, mean)`` and ``decompress_group(payload, shared)``
+    act on stacks of oriented matrices (:class:`lore_jax.compressors.base.MatrixGroups`);
+    one leaf is compressed as a stack of one.
+    """
+
+    def view_of(shape):
+        return _view(shape, rank, floats_per_rank)
 
     def compress(key, x, state=None, mean=None):
-        view = _view(x.shape, rank, floats_per_rank)
+        view = view_of(x.shape)
         if view is None:
             return base.DENSE.compress(key, x)
-        payload, shared = compress_matrix(key, subspace.orient(x, view), view, state, mean)
-        return payload, base.context(x, shared)
+        each = (lambda xs: xs) if mean is None else (lambda xs: [mean(t) for t in xs])
+        keys = None if key is None else [jnp.stack([key])]
+        states = [None if state is None else jax.tree.map(lambda t: t[None], state)]
+        payloads, shared = compress_groups(keys, [subspace.orient(x, view)[None]], states, each)
+        return _first(payloads[0]), base.context(x, _first(shared[0]))
 
     def decompress(payload, ctx):
-        view = _view(ctx.shape, rank, floats_per_rank)
+        view = view_of(ctx.shape)
         if view is None:
             return base.DENSE.decompress(payload, ctx)
-        return subspace.unorient(decompress_matrix(payload, ctx.shared), view, ctx.dtype)
+        stacked = jax.tree.map(lambda t: t[None], (payload, ctx.shared))
+        return subspace.unorient(decompress_group(*stacked)[0], view, ctx.dtype)
 
     def bits(shape, dtype=jnp.float32):
-        view = _view(shape, rank, floats_per_rank)
+        view = view_of(shape)
         if view is None:
             return base.DENSE.bits(shape, dtype)
         return 32 * rank * floats_per_rank(view.a, view.b) + seed_bits
 
+    def matrix_bits(a, b):
+        return 32 * rank * floats_per_rank(a, b)
+
     def payload_bits(payload, ctx):
-        view = _view(ctx.shape, rank, floats_per_rank)
+        view = view_of(ctx.shape)
         if view is None:
             return base.tree_bits(payload)
-        return 32 * rank * floats_per_rank(view.a, view.b)
+        return matrix_bits(view.a, view.b)
 
     def constant_fn(shape, v):
-        if _view(shape, rank, floats_per_rank) is None:
+        if view_of(shape) is None:
             return 1.0
         return constant(subspace.matrix_view(shape))
 
     extra = {}
     if init is not None:
         def init_fn(key, shape, dtype):
-            view = _view(shape, rank, floats_per_rank)
-            return None if view is None else init(key, view)
+            view = view_of(shape)
+            return None if view is None else init(key, view.a, view.b)
 
         def next_state_fn(state, mean_payload, ctx):
-            if _view(ctx.shape, rank, floats_per_rank) is None:
+            if view_of(ctx.shape) is None:
                 return state
-            return next_state(state, mean_payload, ctx)
+            return next_state(state, mean_payload)
 
         extra = {"init": init_fn, "next_state": next_state_fn}
+    groups = base.MatrixGroups(view=view_of, compress=compress_groups,
+                               decompress=decompress_group, bits=matrix_bits,
+                               next_state=next_state)
     return Compressor(
         name=name, kind=kind, linear=linear, compress=compress, decompress=decompress,
-        bits=bits, payload_bits=payload_bits, constant=constant_fn, matrix=True, **extra,
+        bits=bits, payload_bits=payload_bits, constant=constant_fn, matrix=True,
+        groups=groups, **extra,
     )
 
 
 def _orthonormal(p: jax.Array) -> jax.Array:
-    return jnp.linalg.qr(p)[0]
+    """The Q factors of a stack ``(k, a, r)`` (one LAPACK call per matrix on CPU)."""
+    return subspace.per_matrix(subspace.orthonormal_columns, p)
+
+
+def _t(m: jax.Array) -> jax.Array:
+    return jnp.swapaxes(m, -1, -2)
 
 
 def powersgd(rank: int, iters: int = 1) -> Compressor:
@@ -128,25 +156,25 @@ def powersgd(rank: int, iters: int = 1) -> Compressor:
     def floats(a, b):
         return (a + b) * iters
 
-    def init(key, view):
-        return jax.random.normal(key, (view.b, rank), jnp.float32)
+    def init(key, a, b):
+        return jax.random.normal(key, (b, rank), jnp.float32)
 
-    def compress_matrix(key, m, view, state, mean):
-        mean = mean if mean is not None else (lambda t: t)
-        q = init(key, view) if state is None else state
+    def compress_groups(keys, ms, states, mean):
+        qs = [jax.vmap(lambda k, m=m: init(k, *m.shape[1:]))(ks) if q is None else q
+              for ks, m, q in zip(keys or [None] * len(ms), ms, states, strict=True)]
         for it in range(iters):
-            p_hat = _orthonormal(mean(m @ q))
+            p_hats = [_orthonormal(p) for p in mean([m @ q for m, q in zip(ms, qs, strict=True)])]
             if it < iters - 1:
-                q = mean(m.T @ p_hat)
-        return m.T @ p_hat, p_hat
+                qs = mean([_t(m) @ p for m, p in zip(ms, p_hats, strict=True)])
+        return [_t(m) @ p for m, p in zip(ms, p_hats, strict=True)], p_hats
 
-    def decompress_matrix(q, p_hat):
-        return p_hat @ q.T
+    def decompress_group(q, p_hat):
+        return p_hat @ _t(q)
 
     return _lowrank(
-        f"powersgd(rank={rank}, iters={iters})", "none", True, rank, floats, compress_matrix,
-        decompress_matrix, None, init=init,
-        next_state=lambda state, mean_payload, ctx: mean_payload,
+        f"powersgd(rank={rank}, iters={iters})", "none", True, rank, floats, compress_groups,
+        decompress_group, None, init=init,
+        next_state=lambda state, mean_payload: mean_payload,
     )
 
 
@@ -189,21 +217,22 @@ def random_projection(rank: int, *, unbiased: bool = False) -> Compressor:
     def floats(a, b):
         return b
 
-    def compress_matrix(key, m, view, state, mean):
-        del state, mean
-        p = _orthonormal(jax.random.normal(key, (view.a, rank), jnp.float32))
-        return p.T @ m, p
+    def compress_groups(keys, ms, states, mean):
+        del states, mean
+        ps = [_orthonormal(jax.vmap(lambda k, a=m.shape[1]: jax.random.normal(
+            k, (a, rank), jnp.float32))(ks)) for ks, m in zip(keys, ms, strict=True)]
+        return [_t(p) @ m for p, m in zip(ps, ms, strict=True)], ps
 
-    def decompress_matrix(r, p):
+    def decompress_group(r, p):
         out = p @ r
-        return out * (p.shape[0] / rank) if unbiased else out
+        return out * (p.shape[-2] / rank) if unbiased else out
 
     def constant(view):
         return view.a / rank if unbiased else rank / view.a
 
     kind = "unbiased" if unbiased else "contractive"
     name = f"random_projection(rank={rank}{', unbiased' if unbiased else ''})"
-    return _lowrank(name, kind, True, rank, floats, compress_matrix, decompress_matrix,
+    return _lowrank(name, kind, True, rank, floats, compress_groups, decompress_group,
                     constant, seed_bits=32)
 
 
@@ -243,16 +272,20 @@ def greedy_svd(rank: int) -> Compressor:
     def floats(a, b):
         return a + b
 
-    def compress_matrix(key, m, view, state, mean):
-        del key, view, state, mean
+    def compress_one(m):
         u, _ = subspace.svd_basis(m)
         z = subspace.coordinates(u, m)
         idx = subspace.greedy_select(jnp.sum(z * z, axis=-1), rank)
-        return (subspace.take_columns(u, idx), subspace.take_rows(z, idx)), None
+        return subspace.take_columns(u, idx), subspace.take_rows(z, idx)
 
-    def decompress_matrix(payload, shared):
+    def compress_groups(keys, ms, states, mean):
+        del keys, states, mean
+        payloads = [subspace.per_matrix(compress_one, m) for m in ms]
+        return payloads, [None] * len(ms)
+
+    def decompress_group(payload, shared):
         del shared
         return subspace.reconstruct(*payload)
 
     return _lowrank(f"greedy_svd(rank={rank})", "contractive", False, rank, floats,
-                    compress_matrix, decompress_matrix, lambda view: rank / view.a)
+                    compress_groups, decompress_group, lambda view: rank / view.a)
