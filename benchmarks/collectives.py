@@ -2,8 +2,9 @@
 
 For two models whose leaves are many (a ``--mlp-layers`` MLP of ``--width`` squared
 matrices, 24 x 256^2 by default, and a small
-GPT of ``--gpt-layers`` blocks with leaves of many shapes), and for dense, PowerSGD,
-random projection and GreedyLore (default settings) at ``--rank``, it compiles the
+GPT of ``--gpt-layers`` blocks with leaves of many shapes), and for dense, PowerSGD
+(batched by shape, and with ``batch_by_shape=False``), random projection and GreedyLore
+(default settings) at ``--rank``, it compiles the
 ``shard_map``'d ``tx.update`` step on 8 simulated devices (the gradient mean and the
 compression; the model's forward and backward pass are the same for every method, so
 they are left out) and prints:
@@ -69,6 +70,8 @@ def transforms(rank: int) -> dict[str, Any]:
     return {
         "dense": common.dense_mean(),
         "powersgd": lore_jax.compressed_mean(compressors.powersgd(rank)),
+        "powersgd, matrix by matrix": lore_jax.compressed_mean(compressors.powersgd(rank),
+                                                               batch_by_shape=False),
         "random": lore_jax.compressed_mean(compressors.random_projection(rank)),
         "greedylore": lore_jax.greedylore(rank),
     }

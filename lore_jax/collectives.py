@@ -192,6 +192,22 @@ def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> 
             )
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every leaf is finite: a scalar bool.
+
+    Computed as ``isfinite(sum_leaves sum(x * 0))``: ``x * 0`` is 0 where ``x`` is
+    finite and NaN where it is not, so the sum is NaN exactly when an entry is not
+    finite, and cannot overflow. One float reduction per leaf, which XLA:CPU compiles
+    faster than boolean ``all`` reductions (15% to 20% of a 76-leaf PowerSGD step's
+    compile time, ``benchmarks/collectives.py``).
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    zero = sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in leaves)
+    return jnp.isfinite(zero)
+
+
 def pmean(tree: Any, axis_name: AxisName) -> Any:
     """Mean over the data axis: one SUM all-reduce of every leaf together, then division
     by N.

@@ -282,9 +282,7 @@ def _shapes(tree: Any) -> list[tuple[str, tuple]]:
 
 def _all_finite(tree: Any, model_axes: tuple = ()) -> jax.Array:
     """Whether every leaf is finite; agreed over ``model_axes`` (the shards of a leaf)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return collectives.agree(jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True),
-                             model_axes)
+    return collectives.agree(collectives.all_finite(tree), model_axes)
 
 
 def compressed_mean(

@@ -867,7 +867,7 @@ def greedylore(
         outs, new_h = [o for o, _ in pairs], [h for _, h in pairs]
         out_leaves = _unstack(plan, leaves, dense_idx, dense_out, outs)
         finite = collectives.agree(
-            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out_leaves])),
+            collectives.all_finite(out_leaves),
             collectives.model_axes(updates, axis_name))
 
         def keep(new, old):
