@@ -47,6 +47,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+EXIT_SIGTERM = 143   # 128 + SIGTERM: stopped by a preemption notice with nothing saved
 # Simulated CPU devices share one XLA thread pool. With the concurrency-optimised
 # scheduler, batched LAPACK calls (GreedyLore's SVD refresh of several same-shape
 # matrices) that fan out on that pool while other devices' threads wait in a collective
@@ -277,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ``compare`` with its defaults.
 
     Returns:
-      0 on success, 2 for a problem with the request (reported as one line on stderr).
+      0 on success, and after SIGTERM once the checkpoint of the finished step is written;
+      2 for a problem with the request (reported as one line on stderr); 143 after
+      SIGTERM without ``--checkpoint-dir`` (nothing saved); 130 on Ctrl-C.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -287,11 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _setup_devices(args)
         from lore_jax.training.errors import TrainingError
+        from lore_jax.training.loop import Preempted
 
         try:
             (_run_train if args.command == "train" else _run_compare)(args)
         except TrainingError as e:
             raise _UsageError(str(e)) from None
+        except Preempted as e:
+            print(f"lore-jax: {e}", file=sys.stderr)
+            return 0 if e.checkpoint else EXIT_SIGTERM
     except _UsageError as e:
         print(f"lore-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

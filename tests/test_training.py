@@ -225,6 +225,85 @@ def test_checkpoint_holds_per_device_buffers_and_refuses_mismatches(reference_ru
     assert sorted((p, p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
 
 
+@pytest.mark.parametrize("change, flag", [
+    ({"seed": 1}, "--seed 0"), ({"batch_size": 64}, "--batch-size 32"),
+    ({"update_interval": 7}, "--update-interval 6"), ({"learning_rate": 0.1}, "--lr 0.05")])
+def test_resume_refuses_settings_that_change_the_run(reference_run, tmp_path, change, flag):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference_run[1] / "ckpt", ckpt)
+    before = sorted((p, p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+    with pytest.raises(CheckpointError, match=f"written with {flag}, but this run has"):
+        train(TrainConfig(steps=20, checkpoint_dir=str(ckpt), resume=True,
+                          log=str(tmp_path / "log.jsonl"), **{**SMALL, **change}))
+    assert sorted((p, p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
+    assert not (tmp_path / "log.jsonl").exists()   # refused before anything is written
+
+
+def test_resume_of_a_missing_directory_says_it_starts_fresh(tmp_path, capsys):
+    run = train(TrainConfig(steps=2, checkpoint_dir=str(tmp_path / "none"), resume=True,
+                            **SMALL))
+    assert run.summary["start_step"] == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lore-jax: --resume: no checkpoint in {tmp_path / 'none'}; starting "
+                   f"from step 0."]
+
+
+def test_resumed_log_holds_each_step_once(reference_run, tmp_path):
+    """The interrupted run logged steps 1..16 (and evaluations, a summary) but its last
+    checkpoint is step 8: the resumed log drops what came after step 8 and repeats it."""
+    full, root = reference_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", ckpt)
+    shutil.rmtree(ckpt / "16")
+    log = tmp_path / "log.jsonl"
+    text = (root / "log.jsonl").read_text()
+    log.write_text(text + text.splitlines(True)[-1][:17])   # and a line cut short by a kill
+    train(TrainConfig(steps=16, checkpoint_dir=str(ckpt), log=str(log), resume=True, **SMALL))
+    records = read_log(log)
+    train_steps = [r["step"] for r in records if r["event"] == "train"]
+    assert train_steps == list(range(1, 17))
+    assert [r["event"] for r in records].count("summary") == 2   # the old run's, the new
+    assert [r["loss"] for r in records if r["event"] == "train"] == _losses(full)
+
+
+def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGTERM to ``lore-jax train``: it finishes the step, checkpoints it, says so in one
+    line and exits 0; ``--resume`` then gives the uninterrupted run's losses exactly (a
+    constant step size: the first run is told to go on for 100000 steps)."""
+    args = ["train", "--task", "digits", "--compressor", "greedylore", "--rank", "2",
+            "--hidden", "32,32", "--batch-size", "32", "--update-interval", "6",
+            "--warmup-steps", "2", "--optimizer", "sgd", "--lr", "0.05", "--devices", "8",
+            "--schedule", "constant", "--eval-every", "1000", "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    log = tmp_path / "log.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "lore_jax", *args, "--steps", "100000",
+                          "--log", str(log)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and p.poll() is None:
+        if log.exists() and sum('"train"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(15)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    stopped = [r for r in read_log(log) if r["event"] == "preempted"]
+    assert len(stopped) == 1
+    k = stopped[0]["step"]
+    assert err.strip().splitlines() == [
+        f"lore-jax: stopped by SIGTERM after step {k}: checkpoint {tmp_path / 'ck' / str(k)} "
+        f"written; continue with --resume"]
+    from lore_jax.cli import main
+    assert main([*args, "--steps", str(k + 4), "--log", str(log), "--resume"]) == 0
+    losses = [r["loss"] for r in read_log(log) if r["event"] == "train"]
+    full = train(TrainConfig(steps=k + 4, **{**SMALL, "schedule": "constant"}))
+    assert [r["step"] for r in read_log(log) if r["event"] == "train"] == list(range(1, k + 5))
+    assert losses == _losses(full)
+
+
 def test_config_errors_are_training_errors():
     with pytest.raises(TrainingError, match="unknown task 'nope'"):
         train(TrainConfig(task="nope"))

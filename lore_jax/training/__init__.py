@@ -19,6 +19,6 @@ Example:
 """
 
 from lore_jax.training.errors import TrainingError
-from lore_jax.training.loop import RunResult, TrainConfig, make_mesh, train
+from lore_jax.training.loop import Preempted, RunResult, TrainConfig, make_mesh, train
 
-__all__ = ["RunResult", "TrainConfig", "TrainingError", "make_mesh", "train"]
+__all__ = ["Preempted", "RunResult", "TrainConfig", "TrainingError", "make_mesh", "train"]

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -204,15 +207,81 @@ def _initial_params(cfg: TrainConfig, dataset: data_lib.Dataset, new_model) -> A
     return _INIT_CACHE[key]
 
 
-def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """Options a resumed run must share with its checkpoint beyond the shapes it stores.
+#: Options a resumed run must share with its checkpoint: they change what the saved
+#: state means (the compressor's, the optimizer's, the data order and the corpus) without
+#: changing its shapes. ``--steps`` may change (a run is continued to more steps), and so
+#: may ``--eval-every``, ``--checkpoint-every``, ``--log`` and ``--progress``.
+RESUME_SETTINGS = ("task", "model", "data", "seq_len", "compressor", "rank", "optimizer",
+                   "learning_rate", "momentum", "schedule", "batch_size", "seed",
+                   "error_feedback", "update_interval", "warmup_steps", "refresh", "probes",
+                   "tracking", "allocation")
 
-    The number of heads changes what the transformer computes, not its parameters' shapes.
-    """
-    names = ["task", "model", "compressor", "rank", "optimizer", "error_feedback"]
+
+def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """:data:`RESUME_SETTINGS` of this run (and the transformer's size: the number of heads
+    changes what it computes, not its parameters' shapes), as the checkpoint stores them."""
+    names = list(RESUME_SETTINGS)
     if cfg.model == "transformer":
         names += ["d_model", "num_heads", "num_layers"]
-    return {k: getattr(cfg, k) for k in names}
+    config = cfg.to_json()
+    return {k: config[k] for k in names}
+
+
+class Preempted(Exception):  # noqa: N818 (a stop, not an error)
+    """Training stopped on SIGTERM (a preemption notice) after finishing step ``step``.
+
+    Attributes:
+      step: the last finished step.
+      checkpoint: the directory of the checkpoint written for it, or ``None`` when the
+        run has no ``checkpoint_dir``.
+    """
+
+    def __init__(self, step: int, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        saved = (f"checkpoint {checkpoint} written; continue with --resume"
+                 if checkpoint else "no --checkpoint-dir, so nothing was saved")
+        super().__init__(f"stopped by SIGTERM after step {step}: {saved}")
+
+
+@contextlib.contextmanager
+def _preemption_notice():
+    """Yields ``stop(step) -> bool``: whether to stop after ``step`` for a preemption.
+
+    One process: a SIGTERM handler (installed for the run, the previous one restored)
+    sets a flag, read after every step. Several processes (``jax.distributed``): JAX's
+    preemption service, which hears SIGTERM on any process and makes every process stop
+    after the same step (``multihost_utils.reached_preemption_sync_point``).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        available = [True]
+
+        def synced(step: int) -> bool:
+            if not available[0]:
+                return False
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:   # the preemption service is switched off
+                available[0] = False
+                return False
+
+        yield synced
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False   # signal handlers live in the main thread only
+        return
+    heard = [False]
+
+    def on_sigterm(signum, frame):
+        del signum, frame
+        heard[0] = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield lambda step: heard[0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -221,15 +290,21 @@ def train(config: TrainConfig) -> RunResult:
     The same call runs on every process of a ``jax.distributed`` job; only process 0
     writes logs and shows progress.
 
+    On SIGTERM (a scheduler's preemption notice) the run finishes its current step,
+    writes a checkpoint of it (with ``checkpoint_dir``), logs a ``"preempted"`` record
+    and raises :class:`Preempted`; ``--resume`` continues from it bit for bit. The grace
+    period this needs is one step plus one checkpoint write.
+
     Raises:
       TrainingError: bad options, missing data, too few devices, or a checkpoint that
         does not fit (checked before anything is written).
+      Preempted: SIGTERM arrived (see above).
     """
-    with _blas_single_threaded():
-        return _train(config.resolved())
+    with _blas_single_threaded(), _preemption_notice() as stop:
+        return _train(config.resolved(), stop)
 
 
-def _train(cfg: TrainConfig) -> RunResult:
+def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
     # Never overwrite a checkpoint: refuse before doing anything else.
     ckpt, latest = None, None
     if cfg.checkpoint_dir:
@@ -239,6 +314,9 @@ def _train(cfg: TrainConfig) -> RunResult:
             raise CheckpointError(
                 f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
                 f"to continue it, or choose another --checkpoint-dir.")
+        if latest is None and cfg.resume and jax.process_index() == 0:
+            print(f"lore-jax: --resume: no checkpoint in {ckpt.directory}; starting from "
+                  f"step 0.", file=sys.stderr)
 
     # Devices and data.
     mesh = make_mesh(cfg.devices)
@@ -299,7 +377,10 @@ def _train(cfg: TrainConfig) -> RunResult:
     compiled = train_step.lower(params, opt_state, x0, y0).compile()
     compile_s = time.perf_counter() - t0
 
-    log = metrics_lib.JsonLogger(cfg.log, append=start > 0, enabled=main_process)
+    # A resumed run's log continues after the restored step: records of the interrupted
+    # run past it are dropped, so every step appears once.
+    log = metrics_lib.JsonLogger(cfg.log, append=start > 0, enabled=main_process,
+                                 after_step=start if start > 0 else None)
     log.write({"event": "config", **cfg.to_json(), "start_step": start, "devices": n_dev,
                "processes": jax.process_count(), "backend": jax.default_backend(),
                "compile_s": compile_s, "data": tasks.describe(dataset)})
@@ -332,10 +413,18 @@ def _train(cfg: TrainConfig) -> RunResult:
             log.write(record)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 run_eval(step)
-            if ckpt is not None and (step == cfg.steps or (
+            preempted = step < cfg.steps and stop(step)
+            if ckpt is not None and (step == cfg.steps or preempted or (
                     cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 ckpt.save(step, params, opt_state, {
                     "position": list(stream.position), "config": cfg.to_json()})
+            if preempted:
+                where = str(ckpt.directory / str(step)) if ckpt is not None else None
+                log.write({"event": "preempted", "step": step, "checkpoint": where})
+                log.close()
+                if ckpt is not None:
+                    ckpt.close()
+                raise Preempted(step, where)
             ratio = comm["bits_dense"] / max(comm["bits_sent"], 1)
             bar.update(task_id, advance=1,
                        status=f"loss {m['loss']:.4f}  {ratio:.1f}x fewer bits")

@@ -36,17 +36,22 @@ class JsonLogger:
       path: the log file; its parent directory is created.
       append: keep existing lines (a resumed run continues its log).
       enabled: ``False`` on processes other than 0.
+      after_step: with ``append``, first drop the records past this step (those of an
+        interrupted run that a resumed one repeats).
 
     Example:
       >>> log = JsonLogger(None)
       >>> log.write({"event": "train", "step": 1, "loss": 2.3})
     """
 
-    def __init__(self, path: str | os.PathLike | None, append: bool = False, enabled: bool = True):
+    def __init__(self, path: str | os.PathLike | None, append: bool = False, enabled: bool = True,
+                 after_step: int | None = None):
         self._file: IO[str] | None = None
         if path is not None and enabled:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            if append and after_step is not None and path.exists():
+                _truncate_after(path, after_step)
             self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
@@ -59,6 +64,22 @@ class JsonLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drops the records of ``path`` whose ``"step"`` is past ``step`` (a resumed run
+    writes them again), and a last line cut short by a kill; rewrites it atomically."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record.get("step"), int) or record["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
