@@ -180,6 +180,27 @@ def reference_run(mesh, tmp_path_factory):
     return result, root
 
 
+TWO_PROCESS_ARGS = [
+    "--task", "digits", "--compressor", "greedylore", "--rank", "2", "--hidden", "32,32",
+    "--batch-size", "32", "--update-interval", "6", "--warmup-steps", "2", "--optimizer",
+    "sgd", "--lr", "0.05", "--devices", "8", "--no-progress"]
+
+
+def _two_processes(args, tmp_path, tag):
+    """Starts ``lore-jax train ARGS`` as 2 processes x 4 simulated devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "lore_jax", "train", *args, "--log",
+             str(tmp_path / f"{tag}{i}.jsonl"), "--coordinator", f"localhost:{port}",
+             "--num-processes", "2", "--process-id", str(i)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+
+
 def test_resume_matches_uninterrupted_run_bit_for_bit(reference_run, tmp_path):
     full, root = reference_run
     ckpt = tmp_path / "ckpt"
@@ -346,22 +367,8 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     amplify them (it normalises near-zero gradient coordinates, where rounding is
     relatively large: ~1e-4 after 20 steps), hence SGD here.
     """
-    args = ["--task", "digits", "--compressor", "greedylore", "--rank", "2", "--hidden",
-            "32,32", "--batch-size", "32", "--update-interval", "6", "--warmup-steps", "2",
-            "--optimizer", "sgd", "--lr", "0.05", "--steps", "16", "--devices", "8",
-            "--no-progress"]
     single = reference_run[0]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "lore_jax", "train", *args, "--log",
-             str(tmp_path / f"p{i}.jsonl"), "--coordinator", f"localhost:{port}",
-             "--num-processes", "2", "--process-id", str(i)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
+    procs = _two_processes([*TWO_PROCESS_ARGS, "--steps", "16"], tmp_path, "p")
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
@@ -373,3 +380,35 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     np.testing.assert_allclose(multi, _losses(single), rtol=1e-6, atol=0)
     summary = records[-1]
     assert summary["bits_sent"] == single.summary["bits_sent"]
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 of 2: JAX's preemption service stops both after the same
+    step, which is checkpointed; both exit 0, and the resumed pair continues the losses
+    of a one-process run (to Gloo's float32 rounding, as above)."""
+    import time
+    ck = ["--schedule", "constant", "--checkpoint-dir", str(tmp_path / "ck")]
+    procs = _two_processes([*TWO_PROCESS_ARGS, *ck, "--steps", "100000"], tmp_path, "a")
+    log = tmp_path / "a0.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and procs[0].poll() is None:
+        if log.exists() and sum('"train"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(15)
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    (stop,) = [r for r in read_log(log) if r["event"] == "preempted"]
+    k = stop["step"]
+    assert (tmp_path / "ck" / str(k)).is_dir()
+    for _, err in outs:
+        assert f"stopped by SIGTERM after step {k}" in err
+    procs = _two_processes([*TWO_PROCESS_ARGS, *ck, "--steps", str(k + 3), "--resume"],
+                           tmp_path, "b")
+    for p, (_, err) in zip(procs, [p.communicate(timeout=300) for p in procs], strict=True):
+        assert p.returncode == 0, err[-2000:]
+    losses = [r["loss"] for r in read_log(log) if r["event"] == "train"]
+    losses += [r["loss"] for r in read_log(tmp_path / "b0.jsonl") if r["event"] == "train"]
+    single = train(TrainConfig(steps=k + 3, **{**SMALL, "schedule": "constant"}))
+    np.testing.assert_allclose(losses, _losses(single), rtol=1e-6, atol=0)
