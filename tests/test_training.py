@@ -260,6 +260,40 @@ def test_resume_refuses_settings_that_change_the_run(reference_run, tmp_path, ch
     assert not (tmp_path / "log.jsonl").exists()   # refused before anything is written
 
 
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")   # a file where a directory should be
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoints to .*file/ck: Not "
+                                              r"a directory; choose a writable"):
+        train(TrainConfig(steps=4, checkpoint_dir=str(tmp_path / "file" / "ck"),
+                          log=str(log), **SMALL))
+    assert not log.exists()
+
+
+def test_a_failed_save_names_the_cause_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    """A full disk at the second save: one error naming the cause and the step-2
+    checkpoint, which stays complete (a fault-injecting orbax save)."""
+    import orbax.checkpoint as ocp
+
+    real, calls = ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    ck = tmp_path / "ck"
+    with pytest.raises(CheckpointError) as e:
+        train(TrainConfig(steps=6, checkpoint_dir=str(ck), checkpoint_every=2, **SMALL))
+    assert str(e.value) == (f"cannot save checkpoint {ck / '4'}: No space left on device; "
+                            f"the newest complete checkpoint is {ck / '2'}.")
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+    resumed = train(TrainConfig(steps=6, checkpoint_dir=str(ck), resume=True, **SMALL))
+    assert resumed.summary["start_step"] == 2
+
+
 def test_resume_of_a_missing_directory_says_it_starts_fresh(tmp_path, capsys):
     run = train(TrainConfig(steps=2, checkpoint_dir=str(tmp_path / "none"), resume=True,
                             **SMALL))

@@ -51,6 +51,20 @@ def _wrap_key(data: jax.Array, template: Any) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=impl)
 
 
+def _cause(e: BaseException) -> str:
+    """The root cause of ``e`` in a few words: an OSError's message (``No space left on
+    device``, ``Read-only file system``, ``Permission denied``), found through the
+    exception's causes and contexts, or its first line."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror
+        cur = cur.__cause__ or cur.__context__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def signature(tree: Any) -> dict[str, str]:
     """``{path: "dtype[shape]"}`` per leaf, e.g. ``{"['dense0']['kernel']": "float32[64,256]"}``."""
     def describe(x: Any) -> str:
@@ -87,6 +101,24 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False),
         )
 
+    def check_writable(self) -> None:
+        """Creates the directory and writes (then removes) a probe file in it, so that a
+        directory checkpoints cannot be written to is reported before training starts.
+
+        Raises:
+          CheckpointError: naming the directory and the cause (read-only file system,
+            permission, no space, a file in the way).
+        """
+        probe = self.directory / f".lore_jax_write_probe_{jax.process_index()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoints to {self.directory}: {_cause(e)}; choose a "
+                f"writable --checkpoint-dir.") from None
+
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or ``None``."""
         if not self.directory.exists():
@@ -99,10 +131,17 @@ class Checkpointer:
         meta = {**meta, "step": int(step),
                 "signature": {"params": signature(params), "opt_state": signature(opt_state)}}
         state = {"params": _raw(params), "opt_state": _raw(opt_state)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self._manager.wait_until_finished()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self._manager.wait_until_finished()
+        except Exception as e:  # orbax wraps the OSError in several exception types
+            previous = [s for s in self._manager.all_steps() if s != step]
+            kept = (f"the newest complete checkpoint is {self.directory / str(max(previous))}"
+                    if previous else "no earlier checkpoint exists")
+            raise CheckpointError(f"cannot save checkpoint {self.directory / str(step)}: "
+                                  f"{_cause(e)}; {kept}.") from None
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of checkpoint ``step``."""

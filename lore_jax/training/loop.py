@@ -314,6 +314,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
             raise CheckpointError(
                 f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
                 f"to continue it, or choose another --checkpoint-dir.")
+        ckpt.check_writable()
         if latest is None and cfg.resume and jax.process_index() == 0:
             print(f"lore-jax: --resume: no checkpoint in {ckpt.directory}; starting from "
                   f"step 0.", file=sys.stderr)
