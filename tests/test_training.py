@@ -294,6 +294,32 @@ def test_a_failed_save_names_the_cause_and_the_checkpoint_kept(tmp_path, monkeyp
     assert resumed.summary["start_step"] == 2
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path,
+                                                                    capsys):
+    """The newest checkpoint's largest array file cut short: one warning naming it and the
+    step-8 checkpoint, then the run continues from step 8 as the uninterrupted one did."""
+    full, root = reference_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", ckpt)
+    data = max((p for p in (ckpt / "16" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    resumed = train(TrainConfig(steps=16, checkpoint_dir=str(ckpt), resume=True, **SMALL))
+    assert resumed.summary["start_step"] == 8
+    assert _losses(resumed) == _losses(full)[8:]
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("lore-jax:")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"lore-jax: warning: cannot restore checkpoint {ckpt / '16'}: ")
+    assert warnings[0].endswith(f"; trying {ckpt / '8'} (a damaged checkpoint is kept as "
+                                f"damaged-STEP).")
+    # Kept aside, and the resumed run's own step 16 is the newest checkpoint now.
+    assert (ckpt / "damaged-16").is_dir() and (ckpt / "16").is_dir()
+    again = train(TrainConfig(steps=16, checkpoint_dir=str(ckpt), resume=True, **SMALL))
+    assert again.summary["start_step"] == 16 and again.history == []
+    assert again.summary["test_loss"] == full.summary["test_loss"]
+
+
 def test_resume_of_a_missing_directory_says_it_starts_fresh(tmp_path, capsys):
     run = train(TrainConfig(steps=2, checkpoint_dir=str(tmp_path / "none"), resume=True,
                             **SMALL))

@@ -36,6 +36,10 @@ class CheckpointError(TrainingError):
     """A checkpoint is missing, unreadable, or does not match the run."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint's files cannot be read (damaged or cut short): an older one may do."""
+
+
 def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -119,6 +123,26 @@ class Checkpointer:
                 f"cannot write checkpoints to {self.directory}: {_cause(e)}; choose a "
                 f"writable --checkpoint-dir.") from None
 
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, newest first."""
+        if not self.directory.exists():
+            return []
+        self._manager.reload()
+        return sorted(self._manager.all_steps(), reverse=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Renames the (damaged) checkpoint ``step`` to ``damaged-STEP`` in the same
+        directory, out of the way of the run that saves that step again; nothing is
+        deleted. Process 0 does it; returns the new path."""
+        target = self.directory / f"damaged-{step}"
+        if jax.process_index() == 0:
+            n = 1
+            while target.exists():
+                target, n = self.directory / f"damaged-{step}.{n}", n + 1
+            os.replace(self.directory / str(step), target)
+        self._manager.reload()
+        return target
+
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or ``None``."""
         if not self.directory.exists():
@@ -148,7 +172,7 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types for unreadable directories
-            raise CheckpointError(f"cannot read checkpoint {self.directory / str(step)}: "
+            raise UnreadableCheckpoint(f"cannot read checkpoint {self.directory / str(step)}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         return dict(out["meta"])
 
@@ -217,7 +241,7 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:
-            raise CheckpointError(f"cannot restore checkpoint {self.directory / str(step)}: "
+            raise UnreadableCheckpoint(f"cannot restore checkpoint {self.directory / str(step)}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         out = jax.tree.map(lambda t, x: _wrap_key(x, t) if _is_key(t) else x, template, out)
         return out["params"], out["opt_state"]

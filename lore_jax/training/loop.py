@@ -27,7 +27,7 @@ from lore_jax.training import data as data_lib
 from lore_jax.training import metrics as metrics_lib
 from lore_jax.training import models, optimizers, tasks
 from lore_jax.training import step as step_lib
-from lore_jax.training.checkpoint import Checkpointer, CheckpointError
+from lore_jax.training.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint
 from lore_jax.training.errors import TrainingError
 
 AXIS = "data"
@@ -284,6 +284,40 @@ def _preemption_notice():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _restore_newest_readable(ckpt: Checkpointer, params: Any, opt_state: Any,
+                             settings: dict[str, Any]) -> tuple[int, dict[str, Any], tuple]:
+    """Restores the newest checkpoint that can be read, after checking that it fits.
+
+    A damaged one (files cut short, unreadable metadata) is skipped with one line on
+    stderr naming it and the one tried next, and once an older one is restored it is
+    renamed ``damaged-STEP`` (kept, out of the way of the run that saves that step
+    again); a checkpoint that does not fit the run (another setting, model or
+    optimizer) is refused, not skipped.
+
+    Returns:
+      ``(step, meta, (params, opt_state))``.
+
+    Raises:
+      CheckpointError: a checkpoint that does not fit, or none that can be read.
+    """
+    steps = ckpt.steps()
+    for i, step in enumerate(steps):
+        try:
+            meta = ckpt.check(step, params, opt_state, settings, flags=FLAGS)
+            restored = ckpt.restore(step, params, opt_state)
+            for damaged in steps[:i]:
+                ckpt.set_aside(damaged)
+            return step, meta, restored
+        except UnreadableCheckpoint as e:
+            if i + 1 == len(steps):
+                raise CheckpointError(f"no checkpoint in {ckpt.directory} can be read; the "
+                                      f"oldest failed with: {e}") from None
+            if jax.process_index() == 0:
+                print(f"lore-jax: warning: {e}; trying {ckpt.directory / str(steps[i + 1])} "
+                      f"(a damaged checkpoint is kept as damaged-STEP).", file=sys.stderr)
+    raise CheckpointError(f"no checkpoint in {ckpt.directory}.")
+
+
 def train(config: TrainConfig) -> RunResult:
     """Runs (or resumes) one training run and returns its metrics.
 
@@ -355,9 +389,9 @@ def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
     # Resume from the checkpoint if it fits, or initialise.
     start, position = 0, data_lib.DataPosition(0, 0)
     if latest is not None:
-        meta = ckpt.check(latest, params, opt_state, _resume_settings(cfg), flags=FLAGS)
-        params, opt_state = ckpt.restore(latest, params, opt_state)
-        start, position = latest, data_lib.DataPosition(*meta["position"])
+        start, meta, (params, opt_state) = _restore_newest_readable(
+            ckpt, params, opt_state, _resume_settings(cfg))
+        position = data_lib.DataPosition(*meta["position"])
     else:
         params = step_lib.replicate(_initial_params(cfg, dataset, new_model), mesh)
         opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
