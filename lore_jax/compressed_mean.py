@@ -154,7 +154,7 @@ class _Slot(NamedTuple):
     view: subspace.MatrixView | None
 
 
-def _route(groups: MatrixGroups, plans: list[_Leaf], xs: list[jax.Array],
+def _route(groups: MatrixGroups, plans: list[_Leaf], pieces: list[list[jax.Array]],
            axis_name: collectives.AxisName, by_shape: bool
            ) -> tuple[list[list[_Slot]], dict, list]:
     """Assigns every matrix of every leaf to a stack of same-shape matrices (or dense);
@@ -165,9 +165,9 @@ def _route(groups: MatrixGroups, plans: list[_Leaf], xs: list[jax.Array],
     pairs in order.
     """
     slots, members, dense = [], {}, []
-    for i, (leaf, x) in enumerate(zip(plans, xs, strict=True)):
+    for i, (leaf, leaf_pieces) in enumerate(zip(plans, pieces, strict=True)):
         row = []
-        for j, piece in enumerate(_pieces(x, leaf.view)):
+        for j, piece in enumerate(leaf_pieces):
             view = groups.view(piece.shape) if leaf.compressor is not DENSE else None
             if view is None:
                 row.append(_Slot(None, len(dense), None))
@@ -197,8 +197,8 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     per leaf, with the same keys, states and results as one matrix at a time.
     """
     groups = compressor.groups
-    slots, members, dense = _route(groups, plans, xs, axis_name, by_shape)
     pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
+    slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
     states = [[s] if len(p) == 1 else list(s) for p, s in zip(pieces, cstates, strict=True)]
     pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
     order = list(members)

@@ -428,19 +428,15 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     (``a`` floats per probe) travels in the same all-reduce.
     """
     q_hats = [subspace.per_matrix(subspace.orthonormal_columns, q) for q in factor]
-    sends = [x @ q for x, q in zip(xs, q_hats, strict=True)]
-    columns = cfg.probes == "shared" or cfg.tracking == "range"   # probes as (k, b) columns
-    if columns:
-        vs = [_outside(_draw_probes(cfg, key, gi, _column_shape(x)), q)
+    ws = q_hats                     # the columns sent: W = [Q_hat, v'] with probe columns
+    if cfg.probes == "shared" or cfg.tracking == "range":
+        ws = [jnp.concatenate([q, jnp.moveaxis(_outside(
+                  _draw_probes(cfg, key, gi, _column_shape(x)), q), 0, -1)], axis=-1)
               for gi, (x, q) in enumerate(zip(xs, q_hats, strict=True))]
-        sends = [jnp.concatenate([y, x @ jnp.moveaxis(v, 0, -1)], axis=-1)
-                 for y, x, v in zip(sends, xs, vs, strict=True)]
+    sends = [x @ w for x, w in zip(xs, ws, strict=True)]
     means = collectives.pmean(sends, cfg.axis_name)
     if cfg.tracking == "range":
-        columns = [jnp.concatenate([q, jnp.moveaxis(v, 0, -1)], axis=-1)
-                   for q, v in zip(q_hats, vs, strict=True)]
-        return _ritz_basis(means, basis, q_hats)._replace(columns=columns, local=sends,
-                                                          mean=means)
+        return _ritz_basis(means, basis, q_hats)._replace(columns=ws, local=sends, mean=means)
     ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
     def tracked(y, u_prev):

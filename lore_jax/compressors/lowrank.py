@@ -61,14 +61,14 @@ def _lowrank(name, kind, linear, rank, floats_per_rank, compress_groups, decompr
         stacked = jax.tree.map(lambda t: t[None], (payload, ctx.shared))
         return subspace.unorient(decompress_group(*stacked)[0], view, ctx.dtype)
 
+    def matrix_bits(a, b):
+        return 32 * rank * floats_per_rank(a, b)
+
     def bits(shape, dtype=jnp.float32):
         view = view_of(shape)
         if view is None:
             return base.DENSE.bits(shape, dtype)
-        return 32 * rank * floats_per_rank(view.a, view.b) + seed_bits
-
-    def matrix_bits(a, b):
-        return 32 * rank * floats_per_rank(a, b)
+        return matrix_bits(view.a, view.b) + seed_bits
 
     def payload_bits(payload, ctx):
         view = view_of(ctx.shape)
