@@ -12,7 +12,7 @@ exact up to 2**64 bits.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -34,8 +34,9 @@ def add_bits(counter: jax.Array, nbits: int | jax.Array) -> jax.Array:
 
     Args:
       counter: ``uint32[2]``, (high, low).
-      nbits: a Python int (any size, split at trace time, so it is exact) or a traced
-        non-negative integer array below 2**32.
+      nbits: a Python int (any size, split at trace time, so it is exact), a traced
+        non-negative integer scalar below 2**32, or a ``uint32[2]`` counter (an
+        increment of any size chosen at run time, e.g. by a phase).
 
     Returns:
       The updated ``uint32[2]`` counter.
@@ -46,6 +47,8 @@ def add_bits(counter: jax.Array, nbits: int | jax.Array) -> jax.Array:
             raise ValueError(f"nbits must be >= 0, got {nbits}.")
         hi_inc = np.uint32((nbits // _WORD) % _WORD)
         lo_inc = np.uint32(nbits % _WORD)
+    elif jnp.shape(nbits) == (2,):
+        hi_inc, lo_inc = nbits[0], nbits[1]
     else:
         hi_inc = np.uint32(0)
         lo_inc = jnp.asarray(nbits).astype(jnp.uint32)
@@ -53,6 +56,12 @@ def add_bits(counter: jax.Array, nbits: int | jax.Array) -> jax.Array:
     new_lo = lo + lo_inc
     carry = (new_lo < lo).astype(jnp.uint32)
     return jnp.stack([hi + hi_inc + carry, new_lo])
+
+
+def choose_bits(options: Sequence[int], index: jax.Array) -> jax.Array:
+    """The ``uint32[2]`` increment of ``options[index]`` bits, ``index`` traced (the
+    branch a step runs), each option exact at any size; add it with :func:`add_bits`."""
+    return jnp.stack([add_bits(zero_counter(), int(b)) for b in options])[index]
 
 
 def counter_value(counter: Any) -> int:

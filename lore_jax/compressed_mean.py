@@ -97,12 +97,40 @@ class _Leaf(NamedTuple):
     view: subspace.MatrixView | None   # None: the leaf as it is
 
 
-def _leaf_plans(compressor: Compressor, tree: Any, weight_dimension_numbers: Any) -> list[_Leaf]:
-    """Matrix compressors get each leaf's matrices (non-matrices go dense); others the leaf."""
+def _leaf_plans(compressor: Compressor, tree: Any, weight_dimension_numbers: Any,
+                dense: Any = None) -> list[_Leaf]:
+    """Matrix compressors get each leaf's matrices (non-matrices go dense); others the
+    leaf; leaves the ``dense`` mask marks go dense."""
+    flags = dense_flags(dense, tree)
     if not compressor.matrix:
-        return [_Leaf(compressor, None) for _ in jax.tree.leaves(tree)]
-    return [_Leaf(DENSE if v is None else compressor, v)
-            for v in subspace.resolve_views(tree, weight_dimension_numbers)]
+        return [_Leaf(DENSE if d else compressor, None)
+                for d in flags]
+    return [_Leaf(DENSE if v is None or d else compressor, v)
+            for v, d in zip(subspace.resolve_views(tree, weight_dimension_numbers), flags,
+                            strict=True)]
+
+
+def dense_flags(dense: Any, tree: Any) -> list[bool]:
+    """Evaluates an optax-style ``dense`` mask on ``tree`` into one bool per leaf."""
+    n = len(jax.tree.leaves(tree))
+    if dense is None:
+        return [False] * n
+    mask = dense(tree) if callable(dense) else dense
+    try:
+        flags = jax.tree.leaves(jax.tree.map(lambda _, m: bool(m), tree, mask))
+    except ValueError as e:
+        raise ValueError(
+            "dense must be a pytree of bools with the structure of the parameters (True "
+            "keeps a leaf dense), or a callable returning one; got a mask whose structure "
+            f"does not match: {e}"
+        ) from e
+    return flags
+
+
+def _in_groups(compressor: Compressor, leaf: _Leaf) -> bool:
+    """Whether a leaf's matrices go into ``compressor.groups``' stacks (not dense)."""
+    return (compressor.groups is not None and leaf.compressor is not DENSE
+            and compressor.groups.view((leaf.view.rows, leaf.view.cols)) is not None)
 
 
 def _matrix_keys(key: jax.Array, view: subspace.MatrixView | None) -> list[jax.Array]:
@@ -185,67 +213,114 @@ def _stack(trees: list[Any]) -> Any:
     return None if trees[0] is None else jax.tree.map(lambda *t: jnp.stack(t), *trees)
 
 
-def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
-                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
-                  by_shape: bool = True) -> list[tuple[jax.Array, jax.Array, Any, list]]:
-    """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
+class _Stacks(NamedTuple):
+    """A model's matrices as stacks of same-shape matrices (:func:`_stack_groups`)."""
 
-    Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
-    (:class:`~lore_jax.compressors.base.MatrixGroups`), and every round, inner ones
-    included, carries all groups at once; dense pieces travel with the payloads (linear
-    compressors) or in one mean of their own. Returns what :func:`_send_leaf` returns,
-    per leaf, with the same keys, states and results as one matrix at a time.
-    """
-    groups = compressor.groups
+    pieces: list[list[jax.Array]]   # per leaf, the arrays it is sent as
+    states: list[list[Any]]         # per leaf, each piece's compressor state
+    slots: list[list[_Slot]]        # per leaf, where each piece went
+    order: list[Hashable]           # the groups, in stack order
+    keys: list[jax.Array]           # per group, (k,) per-matrix keys
+    ms: list[jax.Array]             # per group, (k, a, b) float32
+    states_stacked: list[Any]       # per group, the stacked states (or None)
+    dense: list[jax.Array]          # the pieces sent dense, in order
+
+
+def _stack_groups(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
+                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
+                  by_shape: bool) -> _Stacks:
+    """Cuts every leaf into its matrices and stacks the same-shape ones (:func:`_route`)."""
     pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
     slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
     states = [[s] if len(p) == 1 else list(s) for p, s in zip(pieces, cstates, strict=True)]
     pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
     order = list(members)
-    ms = [jnp.stack([subspace.orient(pieces[i][j], slots[i][j].view) for i, j in members[g]])
-          for g in order]
-    ks = [jnp.stack([pkeys[i][j] for i, j in members[g]]) for g in order]
-    sts = [_stack([states[i][j] for i, j in members[g]]) for g in order]
-    dense_x = [pieces[i][j] for i, j in dense]
+    return _Stacks(
+        pieces, states, slots, order,
+        keys=[jnp.stack([pkeys[i][j] for i, j in members[g]]) for g in order],
+        ms=[jnp.stack([subspace.orient(pieces[i][j], slots[i][j].view)
+                       for i, j in members[g]]) for g in order],
+        states_stacked=[_stack([states[i][j] for i, j in members[g]]) for g in order],
+        dense=[pieces[i][j] for i, j in dense])
+
+
+def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName
+                ) -> tuple[list, list, list, list, int]:
+    """Compress -> collective -> decompress for every group at once, each round (inner
+    ones included) in one packed collective; the dense pieces travel with the payloads
+    (linear compressors) or in one mean of their own.
+
+    Returns ``(c_local, c_bar, states, dense_bar, bits)``: per group the local and mean
+    reconstructions and the new stacked states, the dense pieces' means, and the bits
+    the groups' payloads took.
+    """
+    groups = compressor.groups
 
     def mean(tree):   # one all-reduce per round for the whole model
         return collectives.pmean_packed(tree, axis_name)
 
-    payloads, shared = groups.compress(ks, ms, sts, mean)
+    payloads, shared = groups.compress(st.keys, st.ms, st.states_stacked, mean)
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
+    states = st.states_stacked
     if compressor.linear:
-        mean_payloads, dense_bar = mean((payloads, dense_x))
+        mean_payloads, dense_bar = mean((payloads, st.dense))
         c_bar = [groups.decompress(p, sh) for p, sh in zip(mean_payloads, shared, strict=True)]
         if groups.next_state is not None:
-            sts = [st if st is None else groups.next_state(st, mp)
-                   for st, mp in zip(sts, mean_payloads, strict=True)]
+            states = [s_ if s_ is None else groups.next_state(s_, mp)
+                      for s_, mp in zip(states, mean_payloads, strict=True)]
     else:
         gathered = collectives.all_gather_packed(payloads, axis_name)
         c_bar = [jnp.mean(jax.vmap(lambda p, sh=sh: groups.decompress(p, sh))(g), axis=0)
                  for g, sh in zip(gathered, shared, strict=True)]
-        dense_bar = mean(dense_x)
-    where = {g: n for n, g in enumerate(order)}
+        dense_bar = mean(st.dense)
+    bits = sum(m.shape[0] * groups.bits(m.shape[-2], m.shape[-1]) for m in st.ms)
+    return c_local, c_bar, states, dense_bar, bits
+
+
+def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
+                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
+                  count: jax.Array, by_shape: bool = True
+                  ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], int | jax.Array]:
+    """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
+
+    Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
+    (:class:`~lore_jax.compressors.base.MatrixGroups`) and every round carries all
+    groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
+    (``groups.communicate``: GreedyLore's phases) and the dense pieces take one mean.
+
+    Returns what :func:`_send_leaf` returns, per leaf, with the same keys, states and
+    results as one matrix at a time (the leaves' ``nbits`` count their dense pieces),
+    and the bits of the groups' payloads.
+    """
+    groups = compressor.groups
+    st = _stack_groups(groups, plans, keys, xs, cstates, axis_name, by_shape)
+    if groups.communicate is not None:
+        c_local, c_bar, states, bits = groups.communicate(st.ms, st.states_stacked, count)
+        dense_bar = collectives.pmean(st.dense, axis_name)
+    else:
+        c_local, c_bar, states, dense_bar, bits = _round_trip(compressor, st, axis_name)
+    where = {g: n for n, g in enumerate(st.order)}
 
     def piece_out(i, j, slot):
-        x = pieces[i][j]
+        x = st.pieces[i][j]
         if slot.group is None:
-            return x, dense_bar[slot.index], states[i][j], accounting.bits_of(x.shape, x.dtype)
+            return x, dense_bar[slot.index], st.states[i][j], accounting.bits_of(x.shape, x.dtype)
         n = where[slot.group]
-        state = None if sts[n] is None else jax.tree.map(lambda t: t[slot.index], sts[n])
+        state = None if states[n] is None else jax.tree.map(lambda t: t[slot.index], states[n])
         return (subspace.unorient(c_local[n][slot.index], slot.view, x.dtype),
-                subspace.unorient(c_bar[n][slot.index], slot.view, x.dtype), state,
-                groups.bits(slot.view.a, slot.view.b))
+                subspace.unorient(c_bar[n][slot.index], slot.view, x.dtype), state, 0)
 
     out = []
     for i, leaf in enumerate(plans):
-        parts = [piece_out(i, j, slot) for j, slot in enumerate(slots[i])]
+        parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
         loc, bar, new_states, nbits = (list(r) for r in zip(*parts, strict=True))
         out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view),
                     new_states[0] if len(parts) == 1 else tuple(new_states), nbits))
-    return out
+    return out, bits
 
 
-def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any) -> None:
+def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
+                      transform: str = "compressed_mean") -> None:
     """Raises a ValueError naming the gradient leaves the state was not initialised for.
 
     Compares, leaf by leaf, the per-parameter parts of the state (error memory, tracker,
@@ -269,7 +344,7 @@ def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any) ->
         if extra:
             problems.append(f"the gradients have no leaf for the state's {', '.join(extra[:4])}")
         raise ValueError(
-            f"compressed_mean: the gradients do not match the parameters the state was "
+            f"{transform}: the gradients do not match the parameters the state was "
             f"initialised with ({field}: {'; '.join(problems)}). Initialise the optimizer "
             f"with parameters of the same structure and shapes as the gradients."
         )
@@ -293,6 +368,7 @@ def compressed_mean(
     key: Any = None,
     weight_dimension_numbers: Any = None,
     batch_by_shape: bool = True,
+    dense: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The mean over devices of compressed gradients, with error feedback.
 
@@ -362,6 +438,8 @@ def compressed_mean(
         compressors (as in :func:`lore_jax.greedylore`); default: the Flax conventions.
       batch_by_shape: stack same-shape matrices into one batched compression (matrix
         compressors with ``groups``); ``False``: one matrix at a time, rounds still packed.
+      dense: optax-style mask, a pytree of bools like the parameters (or a callable
+        ``params -> mask``); ``True`` sends a leaf dense (embeddings, output heads).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(grads, state, params=None)``
@@ -401,13 +479,141 @@ def compressed_mean(
         )
     if not isinstance(batch_by_shape, bool):
         raise TypeError(f"batch_by_shape must be True or False, got {batch_by_shape!r}.")
+    return pipeline(compressor, axis_name=axis_name, error_feedback=error_feedback, key=key,
+                    weight_dimension_numbers=weight_dimension_numbers,
+                    batch_by_shape=batch_by_shape, dense=dense)
+
+
+class _Step(NamedTuple):
+    """One step's per-leaf quantities, flattened like the gradients."""
+
+    errors: list[Any]      # e_i, without the leading axis (None without local memory)
+    trackers: list[Any]    # h (None without EF21)
+    inputs: list[Any]      # x_i, float32 or wider
+
+
+def _error_feedback_in(mode: ef.ErrorFeedback, leaves: list[jax.Array], treedef: Any,
+                       state: CompressedMeanState) -> _Step:
+    """Error-feedback input ``x_i = g_i + e_i`` (EF14), ``g_i - e_i`` (EF21), or ``g_i``."""
+    absent = [None] * len(leaves)
+    errors = [e[0] for e in treedef.flatten_up_to(state.error)] \
+        if ef.has_local(mode) else absent
+    trackers = treedef.flatten_up_to(state.tracker) if ef.has_global(mode) else absent
+    inputs = [ef.compress_input(mode, g, e) for g, e in zip(leaves, errors, strict=True)]
+    return _Step(errors, trackers, inputs)
+
+
+def _step_keys(state: CompressedMeanState, plans: list[_Leaf],
+               axis_name: collectives.AxisName) -> list[jax.Array]:
+    """Each leaf's key for this step: the shared one for linear compressors, the
+    device's own for the others, each folded with the leaf's position."""
+    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.count)
+    shared_key = jax.random.fold_in(step_key, 0)
+    device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+    local_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
+    return [jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
+            for i, leaf in enumerate(plans)]
+
+
+def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
+          leaves: list[jax.Array], step: _Step, cstates: list[Any],
+          axis_name: collectives.AxisName, count: jax.Array, batch_by_shape: bool
+          ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], list]:
+    """Compress -> collective -> decompress: per leaf ``(c_local, c_bar, cstate, nbits)``,
+    and the bits of the stacked groups (:func:`_send_grouped`), a list of at most one."""
+    groups = compressor.groups
+    full = groups is not None and groups.communicate is not None
+    # Compressed in the gradient's dtype (the memory absorbs the rounding), unless the
+    # compressor runs its rounds itself, in float32.
+    sends = [x if full and _in_groups(compressor, leaf) else x.astype(g.dtype)
+             for x, g, leaf in zip(step.inputs, leaves, plans, strict=True)]
+    if groups is None:
+        return [_send_leaf(leaf, k, x, cs, axis_name)
+                for leaf, k, x, cs in zip(plans, keys, sends, cstates, strict=True)], []
+    sent, bits = _send_grouped(compressor, plans, keys, sends, cstates, axis_name, count,
+                               batch_by_shape)
+    return sent, [bits]
+
+
+def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _Step,
+                        sent: list) -> tuple[list, list, list]:
+    """The memory from the local reconstruction and the output from the mean one
+    (:mod:`lore_jax.error_feedback`): ``(outs, errors, trackers)``, per leaf."""
+    outs, errors, trackers = [], [], []
+    for g, e, x, h, (c_local, c_bar, _, _) in zip(
+            leaves, step.errors, step.inputs, step.trackers, sent, strict=True):
+        e = ef.local_update(mode, e, x, c_local)
+        out, h = ef.output(mode, h, c_bar)
+        outs.append(out.astype(g.dtype))
+        errors.append(e)
+        trackers.append(h)
+    return outs, errors, trackers
+
+
+def _add_bits(counter: jax.Array, amounts: list) -> jax.Array:
+    """``counter`` plus every amount: Python ints summed exactly, traced ones in turn."""
+    counter = accounting.add_bits(counter, sum(b for b in amounts if isinstance(b, int)))
+    for b in amounts:
+        if not isinstance(b, int):
+            counter = accounting.add_bits(counter, b)
+    return counter
+
+
+def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any,
+                errors: list, trackers: list, cstates: list, bits: list, finite: jax.Array,
+                model_axes: tuple, dense_bits: int) -> CompressedMeanState:
+    """The new state; on a non-finite step the old memory, tracker, compressor state and
+    count (a device whose new memory alone is not finite keeps its old memory)."""
+    def keep_if_finite(new, old, ok=finite):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    error = state.error
+    if ef.has_local(mode):
+        old = treedef.flatten_up_to(state.error)
+        new_error = treedef.unflatten([e[None].astype(o.dtype)
+                                       for e, o in zip(errors, old, strict=True)])
+        error = keep_if_finite(new_error, state.error,
+                               finite & _all_finite(new_error, model_axes))
+    tracker = state.tracker
+    if ef.has_global(mode):
+        tracker = keep_if_finite(treedef.unflatten(trackers), state.tracker)
+    return CompressedMeanState(
+        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+        key=state.key, error=error, tracker=tracker,
+        compressor_state=keep_if_finite(treedef.unflatten(cstates), state.compressor_state),
+        bits_sent=_add_bits(state.bits_sent, bits),
+        bits_dense=accounting.add_bits(state.bits_dense, dense_bits),
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    )
+
+
+def pipeline(
+    compressor: Compressor,
+    *,
+    axis_name: collectives.AxisName,
+    error_feedback: ef.ErrorFeedback,
+    key: Any,
+    weight_dimension_numbers: Any,
+    batch_by_shape: bool,
+    dense: Any,
+    transform: str = "compressed_mean",
+) -> optax.GradientTransformationExtraArgs:
+    """The data flow every lore_jax compressing transform runs, one named phase per
+    arrow: :func:`_error_feedback_in` -> :func:`_send` (compress -> collective ->
+    decompress) -> :func:`_error_feedback_out` -> :func:`_next_state` (the non-finite
+    rule and the bit counts). :func:`compressed_mean` documents the arguments;
+    ``transform`` names the public transform in error messages (``"greedylore"`` runs
+    its compressor through this same pipeline)."""
     mode = ef.validate(error_feedback)
-    collectives.check_axis_name(axis_name, "compressed_mean")
+    collectives.check_axis_name(axis_name, transform)
     base_key = collectives.as_key(key)
+
+    def plans_for(tree):
+        return _leaf_plans(compressor, tree, weight_dimension_numbers, dense)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        plans = _leaf_plans(compressor, params, weight_dimension_numbers)
+        plans = plans_for(params)
 
         def zeros(x, lead=()):
             return collectives.vary_like(jnp.zeros(lead + x.shape, work_dtype(x.dtype)), x)
@@ -428,73 +634,22 @@ def compressed_mean(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        collectives.check_floating(updates, "compressed_mean")
-        collectives.check_local_gradients(updates, axis_name, "compressed_mean")
-        _check_state_fits(updates, state, init_fn)
+        collectives.check_floating(updates, transform)
+        collectives.check_local_gradients(updates, axis_name, transform)
+        _check_state_fits(updates, state, init_fn, transform)
         leaves, treedef = jax.tree.flatten(updates)
-        plans = _leaf_plans(compressor, updates, weight_dimension_numbers)
-        absent = [None] * len(leaves)
-        errors = treedef.flatten_up_to(state.error) if ef.has_local(mode) else absent
-        trackers = treedef.flatten_up_to(state.tracker) if ef.has_global(mode) else absent
-        cstates = treedef.flatten_up_to(state.compressor_state)
-
-        step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.count)
-        shared_key = jax.random.fold_in(step_key, 0)
-        device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-        local_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
-
-        local_errors = [None if e is None else e[0] for e in errors]
-        xs = [ef.compress_input(mode, g, e) for g, e in zip(leaves, local_errors, strict=True)]
-        keys = [jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
-                for i, leaf in enumerate(plans)]
-        # Compressed in the gradient's dtype; the memory absorbs the rounding.
-        sends = [x.astype(g.dtype) for x, g in zip(xs, leaves, strict=True)]
-        if compressor.groups is not None:
-            sent = _send_grouped(compressor, plans, keys, sends, cstates, axis_name,
-                                 batch_by_shape)
-        else:
-            sent = [_send_leaf(leaf, k, x, cs, axis_name)
-                    for leaf, k, x, cs in zip(plans, keys, sends, cstates, strict=True)]
-
-        outs, new_errors, new_trackers, new_cstates = [], [], [], []
-        bits_static, bits_traced = 0, []
-        for i, (g, e, x, h, (c_local, c_bar, cs, nbits)) in enumerate(
-                zip(leaves, local_errors, xs, trackers, sent, strict=True)):
-            e = ef.local_update(mode, e, x, c_local)
-            out, h = ef.output(mode, h, c_bar)
-            outs.append(out.astype(g.dtype))
-            new_errors.append(None if e is None else e[None].astype(errors[i].dtype))
-            new_trackers.append(h)
-            new_cstates.append(cs)
-            bits_static += sum(b for b in nbits if isinstance(b, int))
-            bits_traced += [b for b in nbits if not isinstance(b, int)]
-
+        plans = plans_for(updates)
+        step = _error_feedback_in(mode, leaves, treedef, state)
+        sent, group_bits = _send(compressor, plans, _step_keys(state, plans, axis_name),
+                                 leaves, step, treedef.flatten_up_to(state.compressor_state),
+                                 axis_name, state.count, batch_by_shape)
+        outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
         model_axes = collectives.model_axes(updates, axis_name)
         finite = _all_finite(outs, model_axes)
-
-        def keep_if_finite(new, old, ok=finite):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        error = state.error
-        if ef.has_local(mode):
-            new_error = treedef.unflatten(new_errors)
-            error = keep_if_finite(new_error, state.error,
-                                   finite & _all_finite(new_error, model_axes))
-        tracker = state.tracker
-        if ef.has_global(mode):
-            tracker = keep_if_finite(treedef.unflatten(new_trackers), state.tracker)
-        cstate = keep_if_finite(treedef.unflatten(new_cstates), state.compressor_state)
-
-        bits_sent = accounting.add_bits(state.bits_sent, bits_static)
-        for nbits in bits_traced:
-            bits_sent = accounting.add_bits(bits_sent, nbits)
-        dense = sum(accounting.bits_of(g.shape, g.dtype) for g in leaves)
-        new_state = CompressedMeanState(
-            count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-            key=state.key, error=error, tracker=tracker, compressor_state=cstate,
-            bits_sent=bits_sent, bits_dense=accounting.add_bits(state.bits_dense, dense),
-            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-        )
+        bits = [b for *_, nbits in sent for b in nbits] + group_bits
+        new_state = _next_state(
+            mode, state, treedef, errors, trackers, [cs for _, _, cs, _ in sent], bits,
+            finite, model_axes, sum(accounting.bits_of(g.shape, g.dtype) for g in leaves))
         return treedef.unflatten(outs), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

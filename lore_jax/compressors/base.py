@@ -119,13 +119,22 @@ class MatrixGroups(NamedTuple):
       bits: ``(a, b) -> int``, the payload bits of one matrix.
       next_state: ``(state, mean_payload) -> state`` for one group (stacked), after the
         all-reduce; ``None`` for stateless compressors.
+      communicate: for a compressor that runs every round of a step itself (GreedyLore,
+        whose payload changes shape with its phase), ``(ms, states, count) -> (c_local,
+        c_bar, states, bits)``: per group the local and mean reconstructions ``(k, a, b)``
+        and the new stacked states, and the bits this device sent (a ``uint32[2]``
+        increment, :func:`lore_jax.accounting.add_bits`); ``count`` is the transform's
+        step count. It replaces ``compress`` -> collective -> ``decompress``, which are
+        then ``None``; its ``ms`` are the error-feedback inputs in float32, not rounded
+        to the gradient's dtype.
     """
 
     view: Callable[[Shape], Any]
-    compress: Callable[..., tuple[list, list]]
-    decompress: Callable[[Any, Any], jax.Array]
-    bits: Callable[[int, int], int]
+    compress: Callable[..., tuple[list, list]] | None
+    decompress: Callable[[Any, Any], jax.Array] | None
+    bits: Callable[[int, int], int] | None
     next_state: Callable[[Any, Any], Any] | None = None
+    communicate: Callable[..., tuple[list, list, list, Any]] | None = None
 
 
 class Compressor(NamedTuple):
