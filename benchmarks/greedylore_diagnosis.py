@@ -63,32 +63,11 @@ def _oriented(x: np.ndarray) -> np.ndarray:
 def mean_errors(lore_state: Any, params: Any) -> dict[str, np.ndarray]:
     """Leaf path -> the device-mean EF14 error of its (oriented) matrix, NumPy float64."""
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if isinstance(lore_state, lore_jax.GreedyLoreState):
-        tx_plan = _greedylore_positions(params, lore_state)
-        return {paths[i]: np.asarray(lore_state.error[g], np.float64)[:, pos].mean(0)
-                for i, (g, pos) in tx_plan.items()}
     errors = jax.tree.leaves(lore_state.error)
     out = {}
     for path, e, x in zip(paths, errors, jax.tree.leaves(params), strict=True):
         if np.ndim(x) == 2:
             out[path] = _oriented(np.asarray(e, np.float64).mean(0))
-    return out
-
-
-def _greedylore_positions(params: Any, state: lore_jax.GreedyLoreState) -> dict[int, tuple]:
-    """Leaf index -> (group, position) of GreedyLore's compressed 2-D leaves (flatten order,
-    groups by first appearance of the oriented shape; the state tells which shapes)."""
-    shapes = [tuple(b.shape[-2:]) for b in state.error]   # (a, b) per group, in order
-    counts = [0] * len(shapes)
-    out = {}
-    for i, x in enumerate(jax.tree.leaves(params)):
-        if np.ndim(x) != 2:
-            continue
-        a, b = sorted(np.shape(x))
-        if (a, b) in shapes:
-            g = shapes.index((a, b))
-            out[i] = (g, counts[g])
-            counts[g] += 1
     return out
 
 
@@ -148,9 +127,11 @@ def run_method(name: str, compress: Any, args, setup: dict[str, Any]) -> dict[st
 def _refreshes(lore_state: Any, t: int, tau: int) -> bool:
     """Whether step ``t`` was a refresh: every ``tau`` steps for the paper's GreedyLore
     (no factor), only step 0 with tracking."""
-    if not isinstance(lore_state, lore_jax.GreedyLoreState):
+    bases = jax.tree.leaves(lore_state.compressor_state,
+                            is_leaf=lambda x: isinstance(x, lore_jax.GreedyLoreBasis))
+    if not bases or not isinstance(bases[0], lore_jax.GreedyLoreBasis):
         return False
-    return t % tau == 0 if not lore_state.factor else t == 0
+    return t % tau == 0 if bases[0].factor is None else t == 0
 
 
 def summarize(name: str, rec: dict[str, Any], args) -> dict[str, Any]:

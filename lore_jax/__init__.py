@@ -30,7 +30,7 @@ from lore_jax.accumulate import MultiStepsState, multi_steps
 from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
 from lore_jax.data_parallel import DataParallel, data_parallel, per_device
 from lore_jax.flax_views import flax_dimension_numbers
-from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreState, greedylore
+from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreBasis, greedylore
 from lore_jax.layout import shard_state, sharded_init, state_specs
 from lore_jax.staleness import ReuseLastState, StaleState, reuse_last, stale
 from lore_jax.subspace import DimensionNumbers
@@ -41,7 +41,7 @@ __all__ = [
     "CompressedMeanState",
     "DataParallel",
     "DimensionNumbers",
-    "GreedyLoreState",
+    "GreedyLoreBasis",
     "MultiStepsState",
     "ReuseLastState",
     "StaleState",

@@ -17,6 +17,7 @@ grow with the number of leaves. The others take them leaf by leaf (``_send_leaf`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -209,6 +210,22 @@ def _route(groups: MatrixGroups, plans: list[_Leaf], pieces: list[list[jax.Array
     return slots, members, dense
 
 
+def _state_structure(tree: Any) -> Any:
+    """The structure of ``tree`` with flax ``nnx.Variable`` wrappers removed, at whose
+    leaf positions the compressor states (pytrees of their own) are kept: an
+    ``nnx.Optimizer`` would turn a Variable holding a pytree into an ``nnx.State``,
+    and the state's type would change between steps."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:   # no flax Variables exist
+        return jax.tree.structure(tree)
+
+    def is_variable(x):
+        return isinstance(x, nnx.Variable)
+
+    return jax.tree.structure(jax.tree.map(
+        lambda v: v.get_value() if is_variable(v) else v, tree, is_leaf=is_variable))
+
+
 def _stack(trees: list[Any]) -> Any:
     return None if trees[0] is None else jax.tree.map(lambda *t: jnp.stack(t), *trees)
 
@@ -355,9 +372,12 @@ def _shapes(tree: Any) -> list[tuple[str, tuple]]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _all_finite(tree: Any, model_axes: tuple = ()) -> jax.Array:
-    """Whether every leaf is finite; agreed over ``model_axes`` (the shards of a leaf)."""
-    return collectives.agree(collectives.all_finite(tree), model_axes)
+def _finite(outs: list, errors: list, model_axes: tuple) -> tuple[jax.Array, jax.Array]:
+    """Whether the output is finite and whether this device's new memory is, each
+    agreed over ``model_axes`` (the shards of a leaf), so that replicated state stays
+    replicated. XLA combines the two reductions into one all-reduce."""
+    return (collectives.agree(collectives.all_finite(outs), model_axes),
+            collectives.agree(collectives.all_finite(errors), model_axes))
 
 
 def compressed_mean(
@@ -560,8 +580,9 @@ def _add_bits(counter: jax.Array, amounts: list) -> jax.Array:
 
 
 def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any,
-                errors: list, trackers: list, cstates: list, bits: list, finite: jax.Array,
-                model_axes: tuple, dense_bits: int) -> CompressedMeanState:
+                cstate_def: Any, errors: list, trackers: list, cstates: list, bits: list,
+                finite: jax.Array, error_finite: jax.Array, dense_bits: int
+                ) -> CompressedMeanState:
     """The new state; on a non-finite step the old memory, tracker, compressor state and
     count (a device whose new memory alone is not finite keeps its old memory)."""
     def keep_if_finite(new, old, ok=finite):
@@ -572,15 +593,14 @@ def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any
         old = treedef.flatten_up_to(state.error)
         new_error = treedef.unflatten([e[None].astype(o.dtype)
                                        for e, o in zip(errors, old, strict=True)])
-        error = keep_if_finite(new_error, state.error,
-                               finite & _all_finite(new_error, model_axes))
+        error = keep_if_finite(new_error, state.error, finite & error_finite)
     tracker = state.tracker
     if ef.has_global(mode):
         tracker = keep_if_finite(treedef.unflatten(trackers), state.tracker)
     return CompressedMeanState(
         count=jnp.where(finite, optax.safe_increment(state.count), state.count),
         key=state.key, error=error, tracker=tracker,
-        compressor_state=keep_if_finite(treedef.unflatten(cstates), state.compressor_state),
+        compressor_state=keep_if_finite(cstate_def.unflatten(cstates), state.compressor_state),
         bits_sent=_add_bits(state.bits_sent, bits),
         bits_dense=accounting.add_bits(state.bits_dense, dense_bits),
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
@@ -622,7 +642,7 @@ def pipeline(
             if ef.has_local(mode) else None
         tracker = treedef.unflatten([zeros(x) for x in leaves]) if ef.has_global(mode) else None
         init_key = jax.random.fold_in(base_key, 0)
-        cstate = treedef.unflatten([
+        cstate = _state_structure(params).unflatten([
             _init_leaf(leaf, jax.random.fold_in(init_key, i), x)
             for i, (leaf, x) in enumerate(zip(plans, leaves, strict=True))
         ])
@@ -641,15 +661,16 @@ def pipeline(
         plans = plans_for(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
         sent, group_bits = _send(compressor, plans, _step_keys(state, plans, axis_name),
-                                 leaves, step, treedef.flatten_up_to(state.compressor_state),
+                                 leaves, step,
+                                 _state_structure(updates).flatten_up_to(state.compressor_state),
                                  axis_name, state.count, batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
-        model_axes = collectives.model_axes(updates, axis_name)
-        finite = _all_finite(outs, model_axes)
+        finite, error_finite = _finite(outs, errors, collectives.model_axes(updates, axis_name))
         bits = [b for *_, nbits in sent for b in nbits] + group_bits
         new_state = _next_state(
-            mode, state, treedef, errors, trackers, [cs for _, _, cs, _ in sent], bits,
-            finite, model_axes, sum(accounting.bits_of(g.shape, g.dtype) for g in leaves))
+            mode, state, treedef, _state_structure(updates), errors, trackers,
+            [cs for _, _, cs, _ in sent], bits, finite, error_finite,
+            sum(accounting.bits_of(g.shape, g.dtype) for g in leaves))
         return treedef.unflatten(outs), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -152,6 +152,17 @@ matrices) are all-reduced every step. The state's counters ``bits_sent`` and
 ``bits_dense`` accumulate the payload one device contributed and what a dense
 all-reduce would have contributed (see :func:`lore_jax.communication`).
 
+Structure: GreedyLore is a compressor (:func:`_schedule`) of the pipeline every
+lore_jax transform runs (:func:`lore_jax.compressed_mean.pipeline`): the pipeline forms
+the error-feedback input ``H_i`` of every leaf, stacks same-shape matrices into groups
+``(k, a, b)``, hands them to the schedule, which runs this step's phase on every group
+at once and all-reduces its rounds itself, and then updates the memory, applies the
+non-finite rule and counts the bits, as for every other compressor. The state is a
+:class:`lore_jax.CompressedMeanState`: ``error`` (and the EF21 ``tracker``) shaped like
+the parameters, float32, and, in ``compressor_state``, one :class:`GreedyLoreBasis`
+(basis ``(a, a)``, tracking factor ``(b, r)``) per compressed matrix, ``None`` for
+dense leaves.
+
 References:
   Chen, He, Li, Jia, Yuan. "Greedy Low-Rank Gradient Compression for Distributed
   Learning with Convergence Guarantees". arXiv:2507.08784 (v4, IEEE TSP), 2025.
@@ -169,6 +180,8 @@ import optax
 
 from lore_jax import accounting, collectives, subspace
 from lore_jax import error_feedback as ef
+from lore_jax.compressed_mean import pipeline
+from lore_jax.compressors.base import Compressor, MatrixGroups
 
 Refresh = Literal["svd", "subspace_iteration"]
 Probes = Literal["independent", "shared"]
@@ -176,49 +189,24 @@ Tracking = Literal["off", "power", "range"]
 Allocation = Literal["matrix", "group"]
 
 
-class GreedyLoreState(NamedTuple):
-    """State of :func:`greedylore`. Groups are the distinct oriented shapes ``(a, b)``."""
+class GreedyLoreBasis(NamedTuple):
+    """GreedyLore's state of one compressed ``a x b`` matrix (replicated), kept in
+    :class:`lore_jax.CompressedMeanState`'s ``compressor_state`` at the matrix's leaf
+    (a tuple of them for a leaf holding several matrices)."""
 
-    count: jax.Array
-    """int32 scalar: finite optimizer steps taken (drives warm-up / refresh / compressed)."""
-    key: jax.Array
-    """uint32[2] PRNG key for the shared Gaussian probes (replicated, never split)."""
-    basis: tuple[jax.Array, ...]
-    """Per group, float32 ``(k, a, a)``: complete orthonormal bases (columns), replicated."""
-    error: tuple[jax.Array, ...]
-    """Per group, float32 ``(1, k, a, b)`` per device: EF14 residuals or EF21 trackers."""
-    tracker: tuple[jax.Array, ...]
-    """Per group, float32 ``(k, a, b)``: EF21 global tracker (mean of the ``error``)."""
-    factor: tuple[jax.Array, ...]
-    """Per group, float32 ``(k, b, r)``: the tracking factor ``Q`` (replicated; empty
-    with ``tracking="off"``)."""
-    bits_sent: jax.Array
-    """uint32[2]: cumulative payload bits one device contributed to all-reduces."""
-    bits_dense: jax.Array
-    """uint32[2]: cumulative bits of the dense all-reduce the same steps would need."""
-    nonfinite_steps: jax.Array
-    """int32 scalar: steps skipped because the reduced gradient was not finite."""
-
-    PER_DEVICE_FIELDS = ("error",)
+    basis: jax.Array
+    """float32 ``(a, a)``: the complete orthonormal basis (columns)."""
+    factor: jax.Array | None
+    """float32 ``(b, r)``: the tracking factor ``Q``; ``None`` with ``tracking="off"``."""
 
 
 class _Group(NamedTuple):
+    """A stack of ``k`` same-shape oriented ``a x b`` matrices, ``rank`` directions each."""
+
     a: int
     b: int
     rank: int
-    leaves: tuple[int, ...]   # positions in the flattened update tree
-    counts: tuple[int, ...]   # matrices each of them holds (the batch of its view)
-    axes: tuple               # mesh axes (other than the data axis) its shards vary over
-
-    @property
-    def k(self) -> int:
-        return sum(self.counts)
-
-
-class _Plan(NamedTuple):
-    views: tuple[subspace.MatrixView | None, ...]
-    group_of: tuple[int, ...]  # -1 for dense leaves
-    groups: tuple[_Group, ...]
+    k: int
 
 
 _WARMUP, _REFRESH, _COMPRESSED, _TRACKED = 0, 1, 2, 3
@@ -228,81 +216,6 @@ REFRESH_METHODS: tuple[str, ...] = get_args(Refresh)
 PROBE_KINDS: tuple[str, ...] = get_args(Probes)
 TRACKING_KINDS: tuple[str, ...] = get_args(Tracking)
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
-
-
-def _make_plan(views: list[subspace.MatrixView | None], dense_flags: list[bool],
-               leaf_axes: list[tuple], rank: int, rate: float) -> _Plan:
-    """Groups the compressible leaves by oriented shape ``(a, b)`` and sharding axes.
-
-    A leaf is compressed iff it has a matrix view, is not masked dense and passes the
-    size gate ``min(r, a) * b * rate < a * b``.
-    """
-    group_of, keys, members = [], {}, []
-    for i, (view, is_dense, axes) in enumerate(zip(views, dense_flags, leaf_axes, strict=True)):
-        if view is None or is_dense or not min(rank, view.a) * view.b * rate < view.a * view.b:
-            group_of.append(-1)
-            continue
-        gkey = (view.a, view.b, axes)
-        if gkey not in keys:
-            keys[gkey] = len(members)
-            members.append([])
-        members[keys[gkey]].append(i)
-        group_of.append(keys[gkey])
-    groups = tuple(
-        _Group(a, b, min(rank, a), tuple(members[g]),
-               tuple(views[i].batch for i in members[g]), axes)
-        for (a, b, axes), g in keys.items()
-    )
-    return _Plan(tuple(views), tuple(group_of), groups)
-
-
-def _dense_flags(dense: Any, tree: Any) -> list[bool]:
-    """Evaluates the optax-style ``dense`` mask on ``tree`` into one bool per leaf."""
-    n = len(jax.tree.leaves(tree))
-    if dense is None:
-        return [False] * n
-    mask = dense(tree) if callable(dense) else dense
-    try:
-        flags = jax.tree.leaves(jax.tree.map(lambda _, m: bool(m), tree, mask))
-    except ValueError as e:
-        raise ValueError(
-            "dense must be a pytree of bools with the structure of the parameters (True "
-            "keeps a leaf dense), or a callable returning one; got a mask whose structure "
-            f"does not match: {e}"
-        ) from e
-    return flags
-
-
-def _check_state_fits(plan: _Plan, state: GreedyLoreState, updates: Any) -> None:
-    """Raises a ValueError naming the gradient leaves whose matrices the state does not hold.
-
-    The state records, per group, the stacked shapes init saw: bases ``(k, a, a)`` and
-    error buffers ``(1, k, a, b)``.
-    """
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    buffers = state.error or state.tracker   # (1, k, a, b) / (k, a, b); none without EF
-    saw = [(u.shape[0], u.shape[-1], buffers[i].shape[-1] if buffers else None)
-           for i, u in enumerate(state.basis)]
-    want = [(g.k, g.a, g.b) for g in plan.groups]
-    if [w[:2] for w in want] == [s_[:2] for s_ in saw] and all(
-            s_[2] is None or s_[2] == w[2] for w, s_ in zip(want, saw, strict=True)):
-        return
-
-    def describe(g):
-        names = ", ".join(f"{paths[i]} ({c} matrix{'es' if c > 1 else ''})"
-                          for i, c in zip(g.leaves, g.counts, strict=True))
-        return f"{g.k} of {g.a}x{g.b}: {names}"
-
-    got = "; ".join(describe(g) for g in plan.groups) or "none"
-    init = "; ".join(f"{k} of {a}x{b if b is not None else '?'}" for k, a, b in saw) or "none"
-    raise ValueError(
-        f"greedylore: the gradients do not match the parameters the state was initialised "
-        f"with. Compressed matrix groups (count of a x b, oriented) in the gradients: "
-        f"{got}. In the state (what init saw): {init}. Initialise the optimizer with "
-        f"parameters of the same structure and shapes as the gradients (the same tree, "
-        f"each leaf with its parameter's shape; on model-sharded parameters, init inside "
-        f"the mesh with lore_jax.sharded_init)."
-    )
 
 
 class _Config(NamedTuple):
@@ -370,16 +283,16 @@ def _dense_phase(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple)
     return _Phase(xs, collectives.pmean(xs, cfg.axis_name), basis, factor)
 
 
-def _refresh_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
+def _refresh_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array], basis: tuple,
                    factor: tuple, first: jax.Array) -> _Phase:
     """Refresh, ``(t - t0) % tau == 0``: ``Hbar = mean_i H_i``, ``U = svd(Hbar).U``,
     ``out = Hbar`` (a dense step, so EF14 memory resets: spec pitfall 6)."""
     c_bar = collectives.pmean(xs, cfg.axis_name)
     basis = tuple(_refresh_basis(cfg, g, h, u, first)
-                  for g, h, u in zip(plan.groups, c_bar, basis, strict=True))
+                  for g, h, u in zip(groups, c_bar, basis, strict=True))
     if cfg.tracking != "off":
         factor = tuple(_initial_factor(h, u, g.rank)
-                       for g, h, u in zip(plan.groups, c_bar, basis, strict=True))
+                       for g, h, u in zip(groups, c_bar, basis, strict=True))
     return _Phase(xs, c_bar, basis, factor)
 
 
@@ -566,7 +479,8 @@ def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
     return jnp.swapaxes(jnp.where(sent[..., None], rows, jnp.swapaxes(q_prev, -1, -2)), -1, -2)
 
 
-def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tuple,
+def _compressed_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array],
+                      basis: tuple,
                       factor: tuple, key: jax.Array, track: bool) -> _Phase:
     """A compressed step: (track the basis), score, select greedily, send ``R``.
 
@@ -577,7 +491,7 @@ def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tup
     tracked = _track_basis(cfg, xs, basis, factor, key) if track else None
     basis = tracked.basis if tracked is not None else list(basis)
     scores, zs = _scores(cfg, xs, basis, key, tracked)
-    sels = [_select(cfg, g, s_) for g, s_ in zip(plan.groups, scores, strict=True)]
+    sels = [_select(cfg, g, s_) for g, s_ in zip(groups, scores, strict=True)]
     rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(basis, xs, zs, sels, strict=True)]
     c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, rs, sels, strict=True)]
     r_bar = collectives.pmean(rs, cfg.axis_name)
@@ -590,32 +504,98 @@ def _compressed_phase(cfg: _Config, plan: _Plan, xs: list[jax.Array], basis: tup
                  zip(c_bar, tracked.mean, tracked.columns, pinvs, strict=True)]
     if cfg.tracking != "off":
         factor = tuple(_next_factor(cfg, g, u, r, j, s_, q) for g, u, r, j, s_, q in zip(
-            plan.groups, basis, r_bar, sels, scores, factor, strict=True))
+            groups, basis, r_bar, sels, scores, factor, strict=True))
     return _Phase(c_local, c_bar, tuple(basis), factor)
 
 
-def _phase_bits(cfg: _Config, plan: _Plan, leaves: list[Any]) -> tuple[int, ...]:
-    """Per-device payload bits of each branch of the phase switch (warm-up, refresh,
-    compressed[, tracked]), then the dense baseline."""
-    dense_leaf_bits = sum(
-        accounting.bits_of(np.shape(x), x.dtype)
-        for x, g in zip(leaves, plan.group_of, strict=True)
-        if g < 0
-    )
-    dense = dense_leaf_bits + sum(g.k * g.a * g.b * 32 for g in plan.groups)
-    compressed = dense_leaf_bits + sum(g.k * (cfg.num_probes * g.a + g.rank * g.b) * 32
-                                       for g in plan.groups)
-    tracked = compressed + sum(g.k * g.a * g.rank * 32 for g in plan.groups)
-    baseline = sum(accounting.bits_of(np.shape(x), x.dtype) for x in leaves)
+def _phase_bits(cfg: _Config, groups: list[_Group]) -> tuple[int, ...]:
+    """Per-device payload bits of the groups in each branch of the phase switch
+    (warm-up, refresh, compressed[, tracked]); the pipeline counts the dense leaves."""
+    dense = sum(g.k * g.a * g.b * 32 for g in groups)
+    compressed = sum(g.k * (cfg.num_probes * g.a + g.rank * g.b) * 32 for g in groups)
+    tracked = compressed + sum(g.k * g.a * g.rank * 32 for g in groups)
     if cfg.tracking == "off":
-        return dense, dense, compressed, baseline
+        return dense, dense, compressed
     if _tracks_every_step(cfg):
-        return dense, dense, tracked, baseline
-    return dense, dense, compressed, tracked, baseline
+        return dense, dense, tracked
+    return dense, dense, compressed, tracked
 
 
 def _tracks_every_step(cfg: _Config) -> bool:
     return cfg.tracking != "off" and cfg.track_every == 1
+
+
+def _schedule(cfg: _Config, rank: int, key: jax.Array, rate: float) -> Compressor:
+    """GreedyLore as a compressor of :func:`lore_jax.compressed_mean`'s pipeline: its
+    phase schedule (warm-up, refresh, compressed) over all same-shape stacks at once.
+
+    The pipeline gives it the error-feedback inputs ``H_i`` stacked per oriented shape
+    ``(k, a, b)`` (groups in the order of their first leaf, matrices in leaf order), the
+    stacked :class:`GreedyLoreBasis` states and the step count. Each step runs one phase
+    (``jax.lax.switch``) and all-reduces its rounds itself, since the payload's shape
+    changes with the phase; it returns the local and mean reconstructions. The probes
+    of step ``t`` and group ``g`` come from ``fold_in(fold_in(key, t), g)``.
+    """
+    def view(shape):   # the size gate: min(r, a) b rate < a b
+        v = subspace.matrix_view(shape)
+        if v is None or not min(rank, v.a) * v.b * rate < v.a * v.b:
+            return None
+        return v
+
+    def init(key_, shape, dtype):
+        del key_, dtype
+        v = view(shape)
+        if v is None:
+            return None
+        factor = None if cfg.tracking == "off" else jnp.zeros((v.b, min(rank, v.a)),
+                                                              jnp.float32)
+        return GreedyLoreBasis(jnp.eye(v.a, dtype=jnp.float32), factor)
+
+    def communicate(ms, states, count):
+        groups = [_Group(m.shape[-2], m.shape[-1], min(rank, m.shape[-2]), m.shape[0])
+                  for m in ms]
+        if not groups:
+            return [], [], [], 0
+        phase = _phase_index(cfg, count)
+        step_key = jax.random.fold_in(key, count)
+        first = count == cfg.warmup_steps
+        branches = [
+            lambda b, f: _dense_phase(cfg, ms, b, f),
+            lambda b, f: _refresh_phase(cfg, groups, ms, b, f, first),
+            lambda b, f: _compressed_phase(cfg, groups, ms, b, f, step_key,
+                                           track=_tracks_every_step(cfg)),
+        ]
+        if cfg.tracking != "off" and not _tracks_every_step(cfg):
+            branches.append(
+                lambda b, f: _compressed_phase(cfg, groups, ms, b, f, step_key, track=True))
+        basis = tuple(s.basis for s in states)
+        factor = tuple(s.factor for s in states) if cfg.tracking != "off" else ()
+        out = jax.lax.switch(phase, branches, basis, factor)
+        factors = out.factor if cfg.tracking != "off" else (None,) * len(groups)
+        new = [GreedyLoreBasis(u, q) for u, q in zip(out.basis, factors, strict=True)]
+        return (out.c_local, out.c_bar, new,
+                accounting.choose_bits(_phase_bits(cfg, groups), phase))
+
+    def whole_model_only(*args, **kwargs):
+        del args, kwargs
+        raise TypeError(
+            "GreedyLore's compressor runs a phase schedule over a whole model at once; "
+            "use lore_jax.greedylore(rank, ...), which sends it through compressed_mean's "
+            "pipeline, rather than compressing one leaf."
+        )
+
+    def bits(shape, dtype=jnp.float32):   # one matrix's compressed step
+        v = view(shape)
+        if v is None:
+            return accounting.bits_of(shape, dtype)
+        return _phase_bits(cfg, [_Group(v.a, v.b, min(rank, v.a), 1)])[_COMPRESSED]
+
+    return Compressor(
+        name=f"greedylore(r={rank})", kind="contractive", linear=True,
+        compress=whole_model_only, decompress=whole_model_only, bits=bits, init=init,
+        matrix=True, groups=MatrixGroups(view=view, compress=None, decompress=None,
+                                         bits=None, communicate=communicate),
+    )
 
 
 #: The paper's settings (Chen et al. 2025): ``greedylore(r, **GREEDYLORE_PAPER)``.
@@ -689,7 +669,6 @@ def _check_options(rank, update_interval, warmup_steps, min_compression_rate, nu
             f"directions per matrix) or 'group' (k r directions shared by a group's k "
             f"same-shape matrices, by score)."
         )
-
 
 def greedylore(
     rank: int,
@@ -782,120 +761,10 @@ def greedylore(
     mode = ef.validate(error_feedback)
     collectives.check_axis_name(axis_name, "greedylore")
     base_key = collectives.as_key(key)
-    rank = int(rank)
-    cfg = _Config(mode, axis_name, int(warmup_steps), int(update_interval or 0), int(num_probes),
-                  probes, refresh, int(refresh_iters), tracking, int(track_every), allocation)
-
-    def plan_for(tree):
-        leaves = jax.tree.leaves(tree)
-        axes = [collectives.mesh_order(collectives.varying_axes(x) - {axis_name})
-                for x in leaves]
-        return _make_plan(subspace.resolve_views(tree, weight_dimension_numbers),
-                          _dense_flags(dense, tree), axes, rank, float(min_compression_rate))
-
-    def init_fn(params):
-        plan = plan_for(params)
-        leaves = jax.tree.leaves(params)
-        basis, error, tracker, factor = [], [], [], []
-        for g in plan.groups:
-            shard = leaves[g.leaves[0]]   # its state varies over the mesh axes it does
-            eye = jnp.broadcast_to(jnp.eye(g.a, dtype=jnp.float32), (g.k, g.a, g.a))
-            basis.append(collectives.vary_like(eye, shard, axis_name))
-            if ef.has_local(mode):
-                error.append(collectives.vary_like(
-                    jnp.zeros((1, g.k, g.a, g.b), jnp.float32), shard, axis_name))
-            if ef.has_global(mode):
-                tracker.append(collectives.vary_like(
-                    jnp.zeros((g.k, g.a, g.b), jnp.float32), shard, axis_name))
-            if tracking != "off":   # set by the first refresh, which precedes every tracking
-                factor.append(collectives.vary_like(
-                    jnp.zeros((g.k, g.b, g.rank), jnp.float32), shard, axis_name))
-        return GreedyLoreState(
-            count=jnp.zeros([], jnp.int32),
-            key=base_key,
-            basis=tuple(basis),
-            error=tuple(error),
-            tracker=tuple(tracker),
-            factor=tuple(factor),
-            bits_sent=accounting.zero_counter(),
-            bits_dense=accounting.zero_counter(),
-            nonfinite_steps=jnp.zeros([], jnp.int32),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        leaves, treedef = jax.tree.flatten(updates)
-        collectives.check_floating(updates, "greedylore")
-        collectives.check_local_gradients(updates, axis_name, "greedylore")
-        plan = plan_for(updates)
-        _check_state_fits(plan, state, updates)
-
-        # Dense leaves: one mean all-reduce every step.
-        dense_idx = [i for i, g in enumerate(plan.group_of) if g < 0]
-        dense_out = collectives.pmean([leaves[i] for i in dense_idx], axis_name)
-
-        # Compressible leaves: oriented, float32, stacked per group: (k, a, b); H = g + E.
-        grads = [
-            jnp.concatenate([subspace.to_matrices(leaves[i], plan.views[i]) for i in g.leaves])
-            for g in plan.groups
-        ]
-        errors = [e[0] for e in state.error] if ef.has_local(mode) else [None] * len(grads)
-        trackers = list(state.tracker) if ef.has_global(mode) else [None] * len(grads)
-        xs = [ef.compress_input(mode, g, e) for g, e in zip(grads, errors, strict=True)]
-
-        phase = _phase_index(cfg, state.count)
-        step_key = jax.random.fold_in(state.key, state.count)
-        first = state.count == cfg.warmup_steps
-        branches = [
-            lambda b, f: _dense_phase(cfg, xs, b, f),
-            lambda b, f: _refresh_phase(cfg, plan, xs, b, f, first),
-            lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key,
-                                           track=_tracks_every_step(cfg)),
-        ]
-        if cfg.tracking != "off" and not _tracks_every_step(cfg):
-            branches.append(
-                lambda b, f: _compressed_phase(cfg, plan, xs, b, f, step_key, track=True))
-        out = jax.lax.switch(phase, branches, state.basis, state.factor)
-
-        new_e = [ef.local_update(mode, e, x, c)
-                 for e, x, c in zip(errors, xs, out.c_local, strict=True)]
-        pairs = [ef.output(mode, h, c) for h, c in zip(trackers, out.c_bar, strict=True)]
-        outs, new_h = [o for o, _ in pairs], [h for _, h in pairs]
-        out_leaves = _unstack(plan, leaves, dense_idx, dense_out, outs)
-        finite = collectives.agree(
-            collectives.all_finite(out_leaves),
-            collectives.model_axes(updates, axis_name))
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-        *phase_bits, baseline_bits = _phase_bits(cfg, plan, leaves)
-        sent_options = jnp.stack([accounting.add_bits(state.bits_sent, b) for b in phase_bits])
-        new_state = GreedyLoreState(
-            count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-            key=state.key,
-            basis=keep(out.basis, state.basis),
-            error=keep(tuple(e[None] for e in new_e), state.error)
-            if ef.has_local(mode) else (),
-            tracker=keep(tuple(new_h), state.tracker) if ef.has_global(mode) else (),
-            factor=keep(out.factor, state.factor),
-            bits_sent=sent_options[phase],
-            bits_dense=accounting.add_bits(state.bits_dense, baseline_bits),
-            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-        )
-        return jax.tree.unflatten(treedef, out_leaves), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _unstack(plan: _Plan, leaves: list[Any], dense_idx: list[int], dense_out: list[Any],
-             outs: list[jax.Array]) -> list[Any]:
-    """The output leaves: dense means as they are, groups unstacked, un-oriented, recast."""
-    out_leaves: list[Any] = [None] * len(leaves)
-    for i, x in zip(dense_idx, dense_out, strict=True):
-        out_leaves[i] = x
-    for g, out in zip(plan.groups, outs, strict=True):
-        parts = jnp.split(out, np.cumsum(g.counts)[:-1]) if len(g.counts) > 1 else [out]
-        for i, m in zip(g.leaves, parts, strict=True):
-            out_leaves[i] = subspace.from_matrices(m, plan.views[i], leaves[i].dtype)
-    return out_leaves
+    cfg = _Config(mode, axis_name, int(warmup_steps), int(update_interval or 0),
+                  int(num_probes), probes, refresh, int(refresh_iters), tracking,
+                  int(track_every), allocation)
+    schedule = _schedule(cfg, int(rank), base_key, float(min_compression_rate))
+    return pipeline(schedule, axis_name=axis_name, error_feedback=mode,
+                    key=base_key, weight_dimension_numbers=weight_dimension_numbers,
+                    batch_by_shape=True, dense=dense, transform="greedylore")

@@ -42,12 +42,11 @@ from jax.sharding import PartitionSpec as P
 from lore_jax import collectives
 from lore_jax.accumulate import MultiStepsState
 from lore_jax.compressed_mean import CompressedMeanState
-from lore_jax.greedylore import GreedyLoreState
 from lore_jax.staleness import ReuseLastState, StaleState
 
 #: The lore_jax state classes :func:`state_specs` recognises by their field names alone.
-STATE_TYPES: tuple[type, ...] = (GreedyLoreState, CompressedMeanState, StaleState,
-                                 ReuseLastState, MultiStepsState)
+STATE_TYPES: tuple[type, ...] = (CompressedMeanState, StaleState, ReuseLastState,
+                                 MultiStepsState)
 
 
 def _is_spec(x: Any) -> bool:
@@ -142,7 +141,7 @@ def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
       >>> abstract = jax.eval_shape(tx.init, {"w": jax.numpy.zeros((64, 32))})
       >>> specs = lore_jax.state_specs(abstract, "data")
       >>> specs[0].error, specs[0].count
-      ((P('data',),), P())
+      ({'w': P('data',)}, P())
     """
     per_device_paths = _per_device_paths(opt_state)
 
@@ -320,7 +319,7 @@ def sharded_init(
       >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
       >>> tx = optax.chain(lore_jax.greedylore(4), optax.adam(1e-3))
       >>> state = lore_jax.sharded_init(tx, {"w": jax.numpy.zeros((64, 32))}, mesh)
-      >>> state[0].error[0].shape[0] == jax.device_count()
+      >>> state[0].error["w"].shape[0] == jax.device_count()
       True
     """
     check_mesh_axis(mesh, axis_name)

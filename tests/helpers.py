@@ -47,3 +47,23 @@ def switch_bits(hlo_text: str) -> tuple[int, list[int]]:
                    if len(b) == 3]
     outside = sum(c["bits"] for c in cols if c["computation"] not in branches)
     return outside, [sum(c["bits"] for c in cols if c["computation"] == b) for b in branches]
+
+
+def _is_basis(x) -> bool:
+    return isinstance(x, lore_jax.GreedyLoreBasis)
+
+
+def greedylore_bases(state) -> list:
+    """Every compressed matrix's :class:`lore_jax.GreedyLoreBasis` in a greedylore state,
+    in leaf order (a leaf holding several matrices gives several, in order)."""
+    return jax.tree.leaves(state.compressor_state, is_leaf=_is_basis)
+
+
+def with_greedylore_stack(state, basis=None, factor=None):
+    """``state`` with its compressed matrices' bases and factors taken, in leaf order,
+    from the stacks ``basis`` ``(k, a, a)`` and ``factor`` ``(k, b, r)`` (``None``: kept)."""
+    found, treedef = jax.tree.flatten(state.compressor_state, is_leaf=_is_basis)
+    new = [s._replace(basis=s.basis if basis is None else basis[n],
+                      factor=s.factor if factor is None else factor[n])
+           for n, s in enumerate(found)]
+    return state._replace(compressor_state=treedef.unflatten(new))

@@ -415,6 +415,27 @@ def test_non_float_gradients_and_unbound_axis_raise_at_trace_time():
         tx.update(params, tx.init(params))
 
 
+@pytest.mark.parametrize("comp", [C.top_k(3), C.powersgd(1)], ids=["top_k", "powersgd"])
+def test_dense_mask_sends_the_masked_leaves_exactly(mesh, comp):
+    """``dense`` (a mask, or a callable giving one): the masked leaf's output is the exact
+    mean and it holds no compressor state; the other matrix is still compressed."""
+    rng = np.random.default_rng(5)
+    params = {"emb": jnp.zeros((16, 32)), "w": jnp.zeros((16, 32))}
+    for dense in ({"emb": True, "w": False}, lambda p: {k: k == "emb" for k in p}):
+        tx = compressed_mean(comp, axis_name="data", dense=dense)
+        state, step = init_and_step(tx, params, mesh)
+        assert state.compressor_state["emb"] is None
+        for _ in range(2):
+            g = {k: rng.standard_normal((N, *v.shape)).astype(np.float32)
+                 for k, v in params.items()}
+            out, state = step(put(g, mesh), state)
+            np.testing.assert_allclose(out["emb"], g["emb"].mean(0), rtol=1e-5, atol=1e-6)
+            assert not np.allclose(out["w"], g["w"].mean(0), atol=1e-2)
+            np.testing.assert_array_equal(np.asarray(state.error["emb"]), 0)
+    with pytest.raises(ValueError, match="dense must be a pytree of bools"):
+        compressed_mean(comp, axis_name=None, dense={"emb": True}).init(params)
+
+
 def test_state_layout(mesh):
     tx = optax.chain(compressed_mean(C.powersgd(2), axis_name="data", error_feedback="ef21"),
                      optax.sgd(0.1))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from greedylore_reference import GreedyLoreReference
-from helpers import init_and_step, put
+from helpers import greedylore_bases, init_and_step, put, with_greedylore_stack
 from jax.sharding import PartitionSpec as P
 
 import lore_jax
@@ -56,18 +56,11 @@ def device_grads(rng: np.random.Generator, params: dict, scale: float = 1.0) -> 
     return out
 
 
-def unoriented_mean_error(state: lore_jax.GreedyLoreState, params: dict, rank: int,
+def unoriented_mean_error(state: lore_jax.CompressedMeanState, params: dict, rank: int,
                           rate: float) -> dict:
-    """Mean over devices of the EF14 buffers, mapped back to leaf shapes (NumPy)."""
+    """Mean over devices of the EF14 buffers of the compressed leaves (NumPy)."""
     ref = GreedyLoreReference(params, rank, 1, 0, N, jax.random.PRNGKey(0), rate=rate)
-    groups = sorted({ref.group[k] for k in ref.comp})
-    out = {}
-    for name in ref.comp:
-        g, pos = ref.group[name], ref.pos[name]
-        e = np.asarray(state.error[groups.index(g)], np.float64)[:, pos].mean(axis=0)
-        tall = np.prod(params[name].shape[:-1]) > params[name].shape[-1]
-        out[name] = (e.T if tall else e).reshape(params[name].shape)
-    return out
+    return {name: np.asarray(state.error[name], np.float64).mean(axis=0) for name in ref.comp}
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -138,7 +131,7 @@ def test_full_rank_reproduces_dense_mean_every_step(mesh):
         for k in params:
             np.testing.assert_allclose(out[k], g[k].mean(0), rtol=2e-4, atol=2e-5)
         # With r = a nothing is left over for the error buffers.
-        for e in state.error:
+        for e in jax.tree.leaves(state.error):
             assert float(jnp.max(jnp.abs(e))) < 1e-4
 
 
@@ -211,7 +204,8 @@ def test_ef21_global_tracker_is_mean_of_device_trackers(mesh):
     state, step = init_and_step(tx, params, mesh)
     for _ in range(8):
         _, state = step(put(device_grads(rng, params), mesh), state)
-        for e, h in zip(state.error, state.tracker, strict=True):
+        for e, h in zip(jax.tree.leaves(state.error), jax.tree.leaves(state.tracker),
+                        strict=True):
             np.testing.assert_allclose(np.mean(e, axis=0), h, rtol=1e-4, atol=1e-5)
 
 
@@ -250,8 +244,8 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(rank, probes)
         tx = paper_greedylore(rank, update_interval=10 ** 6, key=key, probes=probes,
                                  axis_name=None)
         state = tx.init(params)
-        state = state._replace(basis=(jnp.asarray(basis, jnp.float32)[None],),
-                               count=jnp.ones([], jnp.int32))  # past the first refresh
+        state = with_greedylore_stack(state, basis=jnp.asarray(basis, jnp.float32)[None])
+        state = state._replace(count=jnp.ones([], jnp.int32))  # past the first refresh
         out, _ = tx.update({"w": jnp.asarray(x, jnp.float32)}, state)
         return jnp.sum((out["w"] - x) ** 2) / jnp.sum(x ** 2)
 
@@ -332,11 +326,11 @@ def test_pmap_and_shard_map_agree_and_bases_are_identical(mesh):
             for i in range(N):  # every device returns the same mean
                 np.testing.assert_array_equal(out_p[k][i], out_p[k][0])
             np.testing.assert_allclose(out_p[k][0], out_s[k], rtol=1e-4, atol=1e-5)
-        for u in s_pmap.basis:  # bitwise-identical bases on all devices
+        for s in greedylore_bases(s_pmap):  # bitwise-identical bases on all devices
             for i in range(N):
-                np.testing.assert_array_equal(u[i], u[0])
-        for up, us in zip(s_pmap.basis, s_shard.basis, strict=True):
-            np.testing.assert_allclose(up[0], us, atol=1e-4)
+                np.testing.assert_array_equal(s.basis[i], s.basis[0])
+        for sp, ss in zip(greedylore_bases(s_pmap), greedylore_bases(s_shard), strict=True):
+            np.testing.assert_allclose(sp.basis[0], ss.basis, atol=1e-4)
     assert lore_jax.communication(s_pmap) == lore_jax.communication(s_shard)
 
 
@@ -361,8 +355,8 @@ def test_bf16_gradients_keep_float32_state_and_bf16_output(mesh):
             assert out[k].dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(out[k], np.float32), out32[k],
                                        rtol=3e-2, atol=3e-2)
-    assert all(u.dtype == jnp.float32 for u in state.basis)
-    assert all(e.dtype == jnp.float32 for e in state.error)
+    assert all(s.basis.dtype == jnp.float32 for s in greedylore_bases(state))
+    assert all(e.dtype == jnp.float32 for e in jax.tree.leaves(state.error))
 
 
 def test_dense_mask_keeps_leaves_exact(mesh):
@@ -381,9 +375,10 @@ def test_dense_mask_keeps_leaves_exact(mesh):
             out, state = step(put(g, mesh), state)
         np.testing.assert_allclose(out["a_w"], g["a_w"].mean(0), rtol=1e-5, atol=1e-6)
         assert not np.allclose(out["b_w"], g["b_w"].mean(0), atol=1e-3)  # compressed
-        # a_w left the group it shared with b_w (and at rank 1 f_small passes the gate)
-        assert sorted(b.shape for b in state.basis) == [(1, 3, 3), (1, 4, 4), (1, 6, 6),
-                                                        (1, 8, 8)]
+        # a_w has no basis of its own (and at rank 1 f_small passes the gate)
+        assert state.compressor_state["a_w"] is None
+        assert sorted(s.basis.shape for s in greedylore_bases(state)) == [
+            (3, 3), (4, 4), (6, 6), (8, 8)]
 
 
 # ----------------------------------------------------------------------------- non-finite
@@ -455,14 +450,15 @@ def test_state_specs_cover_nested_optax_states(mesh):
                      optax.adam(1e-3))
     specs = lore_jax.state_specs(jax.eval_shape(tx.init, params), "data")
     lore_spec = specs[1]
-    assert isinstance(lore_spec, lore_jax.GreedyLoreState)
-    assert lore_spec.error == (P("data"),)
-    assert lore_spec.tracker == (P(),) and lore_spec.basis == (P(),)
+    assert isinstance(lore_spec, lore_jax.CompressedMeanState)
+    assert lore_spec.error == {"b": P("data"), "w": P("data")}
+    assert lore_spec.tracker == {"b": P(), "w": P()}
+    assert lore_spec.compressor_state["w"].basis == P()
     assert all(s == P() for s in jax.tree.leaves(specs[2],
                                                   is_leaf=lambda x: isinstance(x, P)))
     state = lore_jax.sharded_init(tx, params, mesh)
-    assert state[1].error[0].shape == (N, 1, 8, 32)
-    assert state[1].error[0].sharding.spec[0] == "data"
+    assert state[1].error["w"].shape == (N, 8, 32)
+    assert state[1].error["w"].sharding.spec[0] == "data"
 
 
 
@@ -470,11 +466,11 @@ def test_state_specs_cover_nested_optax_states(mesh):
 
 
 @pytest.mark.parametrize("grads, match", [
-    ({"a": (16, 64), "b": (32, 64)}, r"gradients: 1 of 16x64: \['a'\].*init saw\): 1 of 16x32"),
-    ({"a": (32, 64), "b": (16, 32)}, r"1 of 32x64: \['a'\].*1 of 16x32: \['b'\].*init saw\): "
-                                     r"1 of 16x32; 1 of 32x64"),
-    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"2 of 16x32: \['a'\] \(1 matrix\), "
-                                                    r"\['c'\].*init saw\): 1 of 16x32"),
+    ({"a": (16, 64), "b": (32, 64)}, r"greedylore: .*\['a'\] has shape \(1, 16, 32\) in the "
+                                     r"state, the gradient needs \(1, 16, 64\)"),
+    ({"a": (32, 64), "b": (16, 32)}, r"\['a'\] has shape \(1, 16, 32\) .* needs \(1, 32, 64\); "
+                                     r"\['b'\] has shape \(1, 32, 64\) .* needs \(1, 16, 32\)"),
+    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"the state has no \['c'\]"),
 ])
 def test_gradients_that_do_not_match_the_state_name_the_leaves(grads, match):
     params = {"a": jnp.zeros((16, 32)), "b": jnp.zeros((32, 64))}

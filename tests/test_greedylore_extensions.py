@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from greedylore_reference import GreedyLoreReference
-from helpers import init_and_step, put
+from helpers import greedylore_bases, init_and_step, put, with_greedylore_stack
 from test_greedylore import (
     N,
     check_against_reference,
@@ -101,9 +101,11 @@ def test_compressed_step_contracts_in_expectation_with_stale_basis(options):
         tx = lore_jax.greedylore(rank, update_interval=10 ** 6, key=key, axis_name=None,
                                  **options)
         state = tx.init(params)
-        state = state._replace(basis=(jnp.asarray(basis, jnp.float32),),
-                               factor=(jnp.asarray(factor, jnp.float32),) * bool(state.factor),
-                               count=jnp.ones([], jnp.int32))   # past the first refresh
+        tracks = greedylore_bases(state)[0].factor is not None
+        state = with_greedylore_stack(state, basis=jnp.asarray(basis, jnp.float32),
+                                      factor=jnp.asarray(factor, jnp.float32) if tracks
+                                      else None)
+        state = state._replace(count=jnp.ones([], jnp.int32))   # past the first refresh
         out, _ = tx.update(grads, state)
         err = sum(jnp.sum((out[n] - grads[n]) ** 2) for n in grads)
         return err / np.sum(x ** 2)
@@ -128,8 +130,8 @@ def test_range_tracking_contracts_even_orthogonal_to_its_factor():
     def one_step(key):
         tx = lore_jax.greedylore(rank, key=key, axis_name=None, num_probes=p)
         state = tx.init(params)
-        state = state._replace(factor=(jnp.asarray(q, jnp.float32)[None],),
-                               count=jnp.ones([], jnp.int32))
+        state = with_greedylore_stack(state, factor=jnp.asarray(q, jnp.float32)[None])
+        state = state._replace(count=jnp.ones([], jnp.int32))
         out, _ = tx.update({"w": jnp.asarray(x, jnp.float32)}, state)
         return jnp.sum((out["w"] - x) ** 2) / np.sum(x ** 2)
 
