@@ -45,7 +45,10 @@ class CompressedMeanState(NamedTuple):
     tracker: Any
     """EF21 global tracker ``h`` (replicated, params-shaped, float32 or wider), else ``None``."""
     compressor_state: Any
-    """Per-leaf compressor state (replicated; PowerSGD's warm start), ``None`` if stateless."""
+    """Compressor state (replicated; PowerSGD's warm start, GreedyLore's bases). Matrix
+    compressors with ``groups``: a tuple with one stacked state per group of same-shape
+    matrices (``None`` if stateless), in the order of the groups' first leaves, kept
+    stacked from step to step; others: per leaf, like the parameters."""
     bits_sent: jax.Array
     """uint32[2] bits this device put into collectives so far."""
     bits_dense: jax.Array
@@ -234,31 +237,48 @@ class _Stacks(NamedTuple):
     """A model's matrices as stacks of same-shape matrices (:func:`_stack_groups`)."""
 
     pieces: list[list[jax.Array]]   # per leaf, the arrays it is sent as
-    states: list[list[Any]]         # per leaf, each piece's compressor state
     slots: list[list[_Slot]]        # per leaf, where each piece went
     order: list[Hashable]           # the groups, in stack order
     keys: list[jax.Array]           # per group, (k,) per-matrix keys
     ms: list[jax.Array]             # per group, (k, a, b) float32
-    states_stacked: list[Any]       # per group, the stacked states (or None)
+    states: list[Any]               # per group, its stacked state (or None)
     dense: list[jax.Array]          # the pieces sent dense, in order
 
 
 def _stack_groups(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
-                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
+                  xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   by_shape: bool) -> _Stacks:
-    """Cuts every leaf into its matrices and stacks the same-shape ones (:func:`_route`)."""
+    """Cuts every leaf into its matrices and stacks the same-shape ones (:func:`_route`);
+    ``states`` are the groups' (stacked, in group order)."""
     pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
     slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
-    states = [[s] if len(p) == 1 else list(s) for p, s in zip(pieces, cstates, strict=True)]
     pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
     order = list(members)
     return _Stacks(
-        pieces, states, slots, order,
+        pieces, slots, order,
         keys=[jnp.stack([pkeys[i][j] for i, j in members[g]]) for g in order],
         ms=[jnp.stack([subspace.orient(pieces[i][j], slots[i][j].view)
                        for i, j in members[g]]) for g in order],
-        states_stacked=[_stack([states[i][j] for i, j in members[g]]) for g in order],
-        dense=[pieces[i][j] for i, j in dense])
+        states=list(states), dense=[pieces[i][j] for i, j in dense])
+
+
+def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
+                 leaves: list[Any], axis_name: collectives.AxisName, by_shape: bool) -> tuple:
+    """The groups' compressor states, each the stack of its matrices' ``init`` (each
+    matrix's key as when compressed one at a time), in group order; a state varies over
+    the mesh axes its group's shards do."""
+    pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, leaves, strict=True)]
+    _, members, _ = _route(compressor.groups, plans, pieces, axis_name, by_shape)
+    pkeys = [_matrix_keys(jax.random.fold_in(key, i), leaf.view)
+             for i, leaf in enumerate(plans)]
+
+    def group_state(pairs):
+        state = _stack([compressor.init(pkeys[i][j], pieces[i][j].shape, pieces[i][j].dtype)
+                        for i, j in pairs])
+        i, j = pairs[0]
+        return collectives.vary_like(state, pieces[i][j], axis_name)
+
+    return tuple(group_state(pairs) for pairs in members.values())
 
 
 def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName
@@ -276,9 +296,9 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     def mean(tree):   # one all-reduce per round for the whole model
         return collectives.pmean_packed(tree, axis_name)
 
-    payloads, shared = groups.compress(st.keys, st.ms, st.states_stacked, mean)
+    payloads, shared = groups.compress(st.keys, st.ms, st.states, mean)
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
-    states = st.states_stacked
+    states = st.states
     if compressor.linear:
         mean_payloads, dense_bar = mean((payloads, st.dense))
         c_bar = [groups.decompress(p, sh) for p, sh in zip(mean_payloads, shared, strict=True)]
@@ -295,9 +315,10 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
 
 
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
-                  xs: list[jax.Array], cstates: list[Any], axis_name: collectives.AxisName,
+                  xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   count: jax.Array, by_shape: bool = True
-                  ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], int | jax.Array]:
+                  ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], tuple,
+                             int | jax.Array]:
     """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
 
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
@@ -305,14 +326,14 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
     (``groups.communicate``: GreedyLore's phases) and the dense pieces take one mean.
 
-    Returns what :func:`_send_leaf` returns, per leaf, with the same keys, states and
-    results as one matrix at a time (the leaves' ``nbits`` count their dense pieces),
-    and the bits of the groups' payloads.
+    Returns what :func:`_send_leaf` returns, per leaf, with the same keys and results as
+    one matrix at a time (the leaves' ``nbits`` count their dense pieces, their states
+    are ``None``), the groups' new states and the bits of their payloads.
     """
     groups = compressor.groups
-    st = _stack_groups(groups, plans, keys, xs, cstates, axis_name, by_shape)
+    st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
     if groups.communicate is not None:
-        c_local, c_bar, states, bits = groups.communicate(st.ms, st.states_stacked, count)
+        c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
         dense_bar = collectives.pmean(st.dense, axis_name)
     else:
         c_local, c_bar, states, dense_bar, bits = _round_trip(compressor, st, axis_name)
@@ -321,28 +342,27 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     def piece_out(i, j, slot):
         x = st.pieces[i][j]
         if slot.group is None:
-            return x, dense_bar[slot.index], st.states[i][j], accounting.bits_of(x.shape, x.dtype)
+            return x, dense_bar[slot.index], accounting.bits_of(x.shape, x.dtype)
         n = where[slot.group]
-        state = None if states[n] is None else jax.tree.map(lambda t: t[slot.index], states[n])
         return (subspace.unorient(c_local[n][slot.index], slot.view, x.dtype),
-                subspace.unorient(c_bar[n][slot.index], slot.view, x.dtype), state, 0)
+                subspace.unorient(c_bar[n][slot.index], slot.view, x.dtype), 0)
 
     out = []
     for i, leaf in enumerate(plans):
         parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
-        loc, bar, new_states, nbits = (list(r) for r in zip(*parts, strict=True))
-        out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view),
-                    new_states[0] if len(parts) == 1 else tuple(new_states), nbits))
-    return out, bits
+        loc, bar, nbits = (list(r) for r in zip(*parts, strict=True))
+        out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), None, nbits))
+    return out, tuple(states), bits
 
 
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
-                      transform: str = "compressed_mean") -> None:
+                      transform: str = "compressed_mean", groups: str | None = None) -> None:
     """Raises a ValueError naming the gradient leaves the state was not initialised for.
 
     Compares, leaf by leaf, the per-parameter parts of the state (error memory, tracker,
     compressor state) with those ``init`` would give for parameters shaped like
-    ``updates`` (abstractly: nothing is computed).
+    ``updates`` (abstractly: nothing is computed); a grouped compressor state is
+    compared group by group, ``groups`` describing the gradients' groups.
     """
     want = jax.eval_shape(init_fn, jax.tree.map(
         lambda g: jax.ShapeDtypeStruct(np.shape(g), jnp.result_type(g)), updates))
@@ -354,6 +374,19 @@ def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
         wrong = [k for k in expected if k in present and expected[k] != present[k]]
         if not (missing or extra or wrong):
             continue
+        if field == "compressor_state" and groups is not None:
+            def firsts(tree):
+                return [tuple(np.shape(jax.tree.leaves(s_)[0])) for s_ in tree
+                        if jax.tree.leaves(s_)]
+
+            raise ValueError(
+                f"{transform}: the gradients do not match the parameters the state was "
+                f"initialised with (compressor_state, one per group of same-shape matrices: "
+                f"the gradients' groups are {groups}; the state's group states have shapes "
+                f"{firsts(state.compressor_state)}, the gradients need "
+                f"{firsts(want.compressor_state)}). Initialise the optimizer with "
+                f"parameters of the same structure and shapes as the gradients."
+            )
         problems = [f"{k} has shape {present[k]} in the state, the gradient needs "
                     f"{expected[k]}" for k in wrong[:3]]
         if missing:
@@ -365,6 +398,20 @@ def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
             f"initialised with ({field}: {'; '.join(problems)}). Initialise the optimizer "
             f"with parameters of the same structure and shapes as the gradients."
         )
+
+
+def _describe_groups(compressor: Compressor, plans: list[_Leaf], tree: Any) -> str:
+    """The same-shape groups of ``tree``'s matrices, for messages: ``1 of 16x64: ['a'];
+    2 of 16x32: ['b'], ['c']`` (groups in order of their first leaf)."""
+    members: dict[tuple, list[tuple[str, int]]] = {}
+    for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(tree)[0], plans,
+                               strict=True):
+        if _in_groups(compressor, leaf):
+            v = compressor.groups.view((leaf.view.rows, leaf.view.cols))
+            members.setdefault((v.a, v.b), []).append((jax.tree_util.keystr(path),
+                                                       leaf.view.batch))
+    return "; ".join(f"{sum(n for _, n in m)} of {a}x{b}: {', '.join(p for p, _ in m)}"
+                     for (a, b), m in members.items()) or "none"
 
 
 def _shapes(tree: Any) -> list[tuple[str, tuple]]:
@@ -536,11 +583,12 @@ def _step_keys(state: CompressedMeanState, plans: list[_Leaf],
 
 
 def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
-          leaves: list[jax.Array], step: _Step, cstates: list[Any],
+          leaves: list[jax.Array], step: _Step, cstate: Any, cstate_def: Any,
           axis_name: collectives.AxisName, count: jax.Array, batch_by_shape: bool
-          ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], list]:
-    """Compress -> collective -> decompress: per leaf ``(c_local, c_bar, cstate, nbits)``,
-    and the bits of the stacked groups (:func:`_send_grouped`), a list of at most one."""
+          ) -> tuple[list[tuple[jax.Array, jax.Array, list]], Any, list]:
+    """Compress -> collective -> decompress: per leaf ``(c_local, c_bar, nbits)``, the new
+    compressor state (laid out as the state holds it: per leaf, or per group of
+    :func:`_send_grouped`) and the bits of the groups, a list of at most one."""
     groups = compressor.groups
     full = groups is not None and groups.communicate is not None
     # Compressed in the gradient's dtype (the memory absorbs the rounding), unless the
@@ -548,11 +596,13 @@ def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
     sends = [x if full and _in_groups(compressor, leaf) else x.astype(g.dtype)
              for x, g, leaf in zip(step.inputs, leaves, plans, strict=True)]
     if groups is None:
-        return [_send_leaf(leaf, k, x, cs, axis_name)
-                for leaf, k, x, cs in zip(plans, keys, sends, cstates, strict=True)], []
-    sent, bits = _send_grouped(compressor, plans, keys, sends, cstates, axis_name, count,
-                               batch_by_shape)
-    return sent, [bits]
+        sent = [_send_leaf(leaf, k, x, cs, axis_name) for leaf, k, x, cs in
+                zip(plans, keys, sends, cstate_def.flatten_up_to(cstate), strict=True)]
+        return ([(loc, bar, n) for loc, bar, _, n in sent],
+                cstate_def.unflatten([cs for _, _, cs, _ in sent]), [])
+    sent, states, bits = _send_grouped(compressor, plans, keys, sends, cstate, axis_name,
+                                       count, batch_by_shape)
+    return [(loc, bar, n) for loc, bar, _, n in sent], states, [bits]
 
 
 def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _Step,
@@ -560,7 +610,7 @@ def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _
     """The memory from the local reconstruction and the output from the mean one
     (:mod:`lore_jax.error_feedback`): ``(outs, errors, trackers)``, per leaf."""
     outs, errors, trackers = [], [], []
-    for g, e, x, h, (c_local, c_bar, _, _) in zip(
+    for g, e, x, h, (c_local, c_bar, _) in zip(
             leaves, step.errors, step.inputs, step.trackers, sent, strict=True):
         e = ef.local_update(mode, e, x, c_local)
         out, h = ef.output(mode, h, c_bar)
@@ -580,9 +630,8 @@ def _add_bits(counter: jax.Array, amounts: list) -> jax.Array:
 
 
 def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any,
-                cstate_def: Any, errors: list, trackers: list, cstates: list, bits: list,
-                finite: jax.Array, error_finite: jax.Array, dense_bits: int
-                ) -> CompressedMeanState:
+                errors: list, trackers: list, cstate: Any, bits: list, finite: jax.Array,
+                error_finite: jax.Array, dense_bits: int) -> CompressedMeanState:
     """The new state; on a non-finite step the old memory, tracker, compressor state and
     count (a device whose new memory alone is not finite keeps its old memory)."""
     def keep_if_finite(new, old, ok=finite):
@@ -600,7 +649,7 @@ def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any
     return CompressedMeanState(
         count=jnp.where(finite, optax.safe_increment(state.count), state.count),
         key=state.key, error=error, tracker=tracker,
-        compressor_state=keep_if_finite(cstate_def.unflatten(cstates), state.compressor_state),
+        compressor_state=keep_if_finite(cstate, state.compressor_state),
         bits_sent=_add_bits(state.bits_sent, bits),
         bits_dense=accounting.add_bits(state.bits_dense, dense_bits),
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
@@ -642,10 +691,13 @@ def pipeline(
             if ef.has_local(mode) else None
         tracker = treedef.unflatten([zeros(x) for x in leaves]) if ef.has_global(mode) else None
         init_key = jax.random.fold_in(base_key, 0)
-        cstate = _state_structure(params).unflatten([
-            _init_leaf(leaf, jax.random.fold_in(init_key, i), x)
-            for i, (leaf, x) in enumerate(zip(plans, leaves, strict=True))
-        ])
+        if compressor.groups is not None:
+            cstate = _init_groups(compressor, plans, init_key, leaves, axis_name,
+                                  batch_by_shape)
+        else:
+            cstate = _state_structure(params).unflatten([
+                _init_leaf(leaf, jax.random.fold_in(init_key, i), x)
+                for i, (leaf, x) in enumerate(zip(plans, leaves, strict=True))])
         return CompressedMeanState(
             count=jnp.zeros([], jnp.int32), key=base_key, error=error, tracker=tracker,
             compressor_state=cstate, bits_sent=accounting.zero_counter(),
@@ -656,20 +708,21 @@ def pipeline(
         del params, extra_args
         collectives.check_floating(updates, transform)
         collectives.check_local_gradients(updates, axis_name, transform)
-        _check_state_fits(updates, state, init_fn, transform)
-        leaves, treedef = jax.tree.flatten(updates)
         plans = plans_for(updates)
+        _check_state_fits(updates, state, init_fn, transform,
+                          None if compressor.groups is None
+                          else _describe_groups(compressor, plans, updates))
+        leaves, treedef = jax.tree.flatten(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
-        sent, group_bits = _send(compressor, plans, _step_keys(state, plans, axis_name),
-                                 leaves, step,
-                                 _state_structure(updates).flatten_up_to(state.compressor_state),
-                                 axis_name, state.count, batch_by_shape)
+        sent, cstate, group_bits = _send(
+            compressor, plans, _step_keys(state, plans, axis_name), leaves, step,
+            state.compressor_state, _state_structure(updates), axis_name, state.count,
+            batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
         finite, error_finite = _finite(outs, errors, collectives.model_axes(updates, axis_name))
         bits = [b for *_, nbits in sent for b in nbits] + group_bits
         new_state = _next_state(
-            mode, state, treedef, _state_structure(updates), errors, trackers,
-            [cs for _, _, cs, _ in sent], bits, finite, error_finite,
+            mode, state, treedef, errors, trackers, cstate, bits, finite, error_finite,
             sum(accounting.bits_of(g.shape, g.dtype) for g in leaves))
         return treedef.unflatten(outs), new_state
 

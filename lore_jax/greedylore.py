@@ -160,8 +160,8 @@ at once and all-reduces its rounds itself, and then updates the memory, applies 
 non-finite rule and counts the bits, as for every other compressor. The state is a
 :class:`lore_jax.CompressedMeanState`: ``error`` (and the EF21 ``tracker``) shaped like
 the parameters, float32, and, in ``compressor_state``, one :class:`GreedyLoreBasis`
-(basis ``(a, a)``, tracking factor ``(b, r)``) per compressed matrix, ``None`` for
-dense leaves.
+per group of same-shape matrices (bases ``(k, a, a)``, tracking factors ``(k, b, r)``),
+kept stacked from step to step.
 
 References:
   Chen, He, Li, Jia, Yuan. "Greedy Low-Rank Gradient Compression for Distributed
@@ -190,14 +190,14 @@ Allocation = Literal["matrix", "group"]
 
 
 class GreedyLoreBasis(NamedTuple):
-    """GreedyLore's state of one compressed ``a x b`` matrix (replicated), kept in
-    :class:`lore_jax.CompressedMeanState`'s ``compressor_state`` at the matrix's leaf
-    (a tuple of them for a leaf holding several matrices)."""
+    """GreedyLore's state of a group of ``k`` same-shape oriented ``a x b`` matrices
+    (replicated), one per group in :class:`lore_jax.CompressedMeanState`'s
+    ``compressor_state``, in the order of the groups' first leaves."""
 
     basis: jax.Array
-    """float32 ``(a, a)``: the complete orthonormal basis (columns)."""
+    """float32 ``(k, a, a)``: complete orthonormal bases (columns)."""
     factor: jax.Array | None
-    """float32 ``(b, r)``: the tracking factor ``Q``; ``None`` with ``tracking="off"``."""
+    """float32 ``(k, b, r)``: the tracking factors ``Q``; ``None`` with ``tracking="off"``."""
 
 
 class _Group(NamedTuple):

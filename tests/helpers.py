@@ -49,21 +49,16 @@ def switch_bits(hlo_text: str) -> tuple[int, list[int]]:
     return outside, [sum(c["bits"] for c in cols if c["computation"] == b) for b in branches]
 
 
-def _is_basis(x) -> bool:
-    return isinstance(x, lore_jax.GreedyLoreBasis)
-
-
 def greedylore_bases(state) -> list:
-    """Every compressed matrix's :class:`lore_jax.GreedyLoreBasis` in a greedylore state,
-    in leaf order (a leaf holding several matrices gives several, in order)."""
-    return jax.tree.leaves(state.compressor_state, is_leaf=_is_basis)
+    """The :class:`lore_jax.GreedyLoreBasis` of every group of same-shape matrices in a
+    greedylore state (stacked: basis ``(k, a, a)``, factor ``(k, b, r)``), in group order."""
+    return [s for s in state.compressor_state if isinstance(s, lore_jax.GreedyLoreBasis)]
 
 
 def with_greedylore_stack(state, basis=None, factor=None):
-    """``state`` with its compressed matrices' bases and factors taken, in leaf order,
-    from the stacks ``basis`` ``(k, a, a)`` and ``factor`` ``(k, b, r)`` (``None``: kept)."""
-    found, treedef = jax.tree.flatten(state.compressor_state, is_leaf=_is_basis)
-    new = [s._replace(basis=s.basis if basis is None else basis[n],
-                      factor=s.factor if factor is None else factor[n])
-           for n, s in enumerate(found)]
-    return state._replace(compressor_state=treedef.unflatten(new))
+    """``state`` with its one group's bases ``(k, a, a)`` and factors ``(k, b, r)``
+    replaced (``None``: kept)."""
+    (group,) = state.compressor_state
+    group = group._replace(basis=group.basis if basis is None else basis,
+                           factor=group.factor if factor is None else factor)
+    return state._replace(compressor_state=(group,))

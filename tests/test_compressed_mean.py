@@ -133,12 +133,32 @@ def np_powersgd(x: np.ndarray, q: np.ndarray, tall: bool) -> tuple:
     return want, c, q
 
 
+def group_slots(params: dict, by_shape: bool = True) -> dict[str, tuple[int, int]]:
+    """Matrix leaf -> (group, position) of its state in a grouped compressor state: groups
+    of the same oriented shape in the order of their first leaf (one per matrix
+    without ``batch_by_shape``), matrices in leaf order."""
+    groups, out = {}, {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if x.ndim == 2:
+            key = tuple(sorted(x.shape)) if by_shape else path
+            g = groups.setdefault(key, [len(groups), 0])
+            out[path[0].key] = (g[0], g[1])
+            g[1] += 1
+    return out
+
+
 def check_powersgd(mesh, params, rank, steps=3, **kwargs):
     """compressed_mean(powersgd) against :func:`np_powersgd`, leaf by leaf; returns the
     compiled step's collectives and the final state."""
     _, state, step = setup(C.powersgd(rank), mesh, params, **kwargs)
-    mats = [k for k, v in params.items() if v.ndim == 2]
-    q = {k: np.asarray(state.compressor_state[k], np.float64) for k in mats}
+    slots = group_slots(params, kwargs.get("batch_by_shape", True))
+    mats = list(slots)
+
+    def q_of(state, k):
+        g, pos = slots[k]
+        return np.asarray(state.compressor_state[g][pos], np.float64)
+
+    q = {k: q_of(state, k) for k in mats}
     e = {k: np.zeros((N,) + v.shape) for k, v in params.items()}
     for t in range(steps):
         g = device_grads(t, params)
@@ -153,7 +173,7 @@ def check_powersgd(mesh, params, rank, steps=3, **kwargs):
             np.testing.assert_allclose(out[k], want, atol=2e-5)
             np.testing.assert_allclose(state.error[k], e[k], atol=2e-5)
     for k in mats:
-        np.testing.assert_allclose(state.compressor_state[k], q[k], atol=2e-5)
+        np.testing.assert_allclose(q_of(state, k), q[k], atol=2e-5)
     cols = hlo_collectives(step.lower(put(device_grads(0, params), mesh), state)
                            .compile().as_text())
     return cols, state
@@ -163,7 +183,7 @@ def test_powersgd_matches_numpy_reference(mesh):
     params = {"w": jnp.zeros((8, 32)), "tall": jnp.zeros((24, 6)), "b": jnp.zeros((64,))}
     rank = 2
     cols, state = check_powersgd(mesh, params, rank)
-    assert state.compressor_state["b"] is None
+    assert [q.shape for q in state.compressor_state] == [(1, 24, 2), (1, 32, 2)]   # tall, w
     # Two all-reduces per matrix (a r and b r floats) plus the dense vector.
     spec = 32 * rank * (8 + 32) + 32 * rank * (6 + 24) + 32 * 64
     assert {c["op"] for c in cols} == {"all-reduce"} and sum(c["bits"] for c in cols) == spec
@@ -418,13 +438,14 @@ def test_non_float_gradients_and_unbound_axis_raise_at_trace_time():
 @pytest.mark.parametrize("comp", [C.top_k(3), C.powersgd(1)], ids=["top_k", "powersgd"])
 def test_dense_mask_sends_the_masked_leaves_exactly(mesh, comp):
     """``dense`` (a mask, or a callable giving one): the masked leaf's output is the exact
-    mean and it holds no compressor state; the other matrix is still compressed."""
+    mean and it has no compressor state; the other matrix is still compressed."""
     rng = np.random.default_rng(5)
     params = {"emb": jnp.zeros((16, 32)), "w": jnp.zeros((16, 32))}
     for dense in ({"emb": True, "w": False}, lambda p: {k: k == "emb" for k in p}):
         tx = compressed_mean(comp, axis_name="data", dense=dense)
         state, step = init_and_step(tx, params, mesh)
-        assert state.compressor_state["emb"] is None
+        if comp.groups is not None:   # PowerSGD: a warm start for "w" alone
+            assert [q.shape for q in state.compressor_state] == [(1, 32, 1)]
         for _ in range(2):
             g = {k: rng.standard_normal((N, *v.shape)).astype(np.float32)
                  for k, v in params.items()}
@@ -443,7 +464,7 @@ def test_state_layout(mesh):
     cm = state[0]
     assert isinstance(cm, CompressedMeanState)
     assert cm.error["w"].shape == (N, 8, 32) and cm.tracker["w"].shape == (8, 32)
-    assert cm.compressor_state["w"].shape == (32, 2) and cm.compressor_state["b"] is None
+    assert [q.shape for q in cm.compressor_state] == [(1, 32, 2)]   # w; b is sent dense
     specs = lore_jax.state_specs(state, "data")[0]
     assert specs.error["w"] == P("data") and specs.tracker["w"] == P()
     assert specs.bits_sent == P() and specs.key == P()
@@ -451,15 +472,23 @@ def test_state_layout(mesh):
 
 @pytest.mark.parametrize("comp, ef", [(C.top_k(3), "ef14"), (C.powersgd(2), None)],
                          ids=["top_k-ef14", "powersgd-no-ef"])
-@pytest.mark.parametrize("grads, match", [
+@pytest.mark.parametrize("grads, match, grouped", [
     ({"a": (16, 64), "b": (32, 64)}, r"\['a'\] has shape \(.*\) in the state, the gradient "
-                                     r"needs \(.*64"),
-    ({"a": (32, 64), "b": (16, 32)}, r"\['a'\] has shape .* in the state.*\['b'\]"),
-    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"the state has no \['c'\]"),
-    ({"a": (16, 32)}, r"the gradients have no leaf for the state's \['b'\]"),
+                                     r"needs \(.*64",
+     r"groups are 1 of 16x64: \['a'\]; 1 of 32x64: \['b'\]; the state's group states have "
+     r"shapes \[\(1, 32, 2\), \(1, 64, 2\)\], the gradients need \[\(1, 64, 2\), \(1, 64, 2\)\]"),
+    ({"a": (32, 64), "b": (16, 32)}, r"\['a'\] has shape .* in the state.*\['b'\]",
+     r"groups are 1 of 32x64: \['a'\]; 1 of 16x32: \['b'\]"),
+    ({"a": (16, 32), "b": (32, 64), "c": (16, 32)}, r"the state has no \['c'\]",
+     r"groups are 2 of 16x32: \['a'\], \['c'\]; 1 of 32x64: \['b'\]"),
+    ({"a": (16, 32)}, r"the gradients have no leaf for the state's \['b'\]",
+     r"groups are 1 of 16x32: \['a'\]; the state's .* \[\(1, 32, 2\), \(1, 64, 2\)\], the "
+     r"gradients need \[\(1, 32, 2\)\]"),
 ], ids=["shape", "swapped", "extra", "missing"])
-def test_gradients_that_do_not_match_the_state_name_the_leaf(comp, ef, grads, match):
+def test_gradients_that_do_not_match_the_state_name_the_leaf(comp, ef, grads, match, grouped):
+    """Leaf by leaf where the state holds per-leaf parts (error memory); without them, a
+    grouped compressor state names the gradients' groups and both sides' shapes."""
     params = {"a": jnp.zeros((16, 32)), "b": jnp.zeros((32, 64))}
     tx = compressed_mean(comp, axis_name=None, error_feedback=ef)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match if ef else grouped):
         tx.update({k: jnp.ones(s) for k, s in grads.items()}, tx.init(params))
