@@ -419,12 +419,21 @@ def _shapes(tree: Any) -> list[tuple[str, tuple]]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _finite(outs: list, errors: list, model_axes: tuple) -> tuple[jax.Array, jax.Array]:
+def _finite(outs: list, errors: list, model_axes: tuple,
+            check_memory: bool) -> tuple[jax.Array, jax.Array]:
     """Whether the output is finite and whether this device's new memory is, each
     agreed over ``model_axes`` (the shards of a leaf), so that replicated state stays
-    replicated. XLA combines the two reductions into one all-reduce."""
-    return (collectives.agree(collectives.all_finite(outs), model_axes),
-            collectives.agree(collectives.all_finite(errors), model_axes))
+    replicated (XLA combines the two reductions into one all-reduce).
+
+    ``check_memory=False`` where every entry of every input reaches the output (matrix
+    compressors with ``groups`` multiply each matrix by dense factors, and the dense
+    pieces are sent as they are), so that a finite output means finite memory: the
+    memory's reductions, one per leaf, would double the step's HLO.
+    """
+    finite = collectives.agree(collectives.all_finite(outs), model_axes)
+    if not check_memory:
+        return finite, finite
+    return finite, collectives.agree(collectives.all_finite(errors), model_axes)
 
 
 def compressed_mean(
@@ -635,7 +644,10 @@ def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any
     """The new state; on a non-finite step the old memory, tracker, compressor state and
     count (a device whose new memory alone is not finite keeps its old memory)."""
     def keep_if_finite(new, old, ok=finite):
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        # One conditional for a whole tree: a select per leaf would each recompute the
+        # flag's sum over every leaf (XLA copies it into each fusion), a step's HLO
+        # growing with the square of its leaves.
+        return jax.lax.cond(ok, lambda n, o: n, lambda n, o: o, new, old)
 
     error = state.error
     if ef.has_local(mode):
@@ -719,7 +731,8 @@ def pipeline(
             state.compressor_state, _state_structure(updates), axis_name, state.count,
             batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
-        finite, error_finite = _finite(outs, errors, collectives.model_axes(updates, axis_name))
+        finite, error_finite = _finite(outs, errors, collectives.model_axes(updates, axis_name),
+                                       check_memory=compressor.groups is None)
         bits = [b for *_, nbits in sent for b in nbits] + group_bits
         new_state = _next_state(
             mode, state, treedef, errors, trackers, cstate, bits, finite, error_finite,
