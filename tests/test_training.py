@@ -477,6 +477,56 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
 # --------------------------------------------------------------------------- a lost process
 
 
+def _runtime_lines(err: str) -> list[str]:
+    """Lines of a traceback or of the distributed runtime's C++ logs and stacks."""
+    import re
+
+    cpp = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|Check failure|^\s+@\s+0x|terminate called|"
+                     r"Traceback|gloo::|JaxRuntimeError")
+    return [line for line in err.splitlines() if cpp.search(line)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other_within_seconds(tmp_path, victim):
+    """SIGKILL to one process of two, once a checkpoint is written: the other exits
+    within 15 s with status 75 and one line naming the lost process, the step and the
+    newest checkpoint; no traceback, no C++ stack. Process 0 hosts the coordination
+    service, so losing it is the harder case (JAX's client aborts from C++)."""
+    import re
+    import time
+
+    from lore_jax.training.faults import EXIT_PEER_LOST
+
+    ck = tmp_path / "ck"
+    args = [*TWO_PROCESS_ARGS, "--compressor", "dense", "--schedule", "constant",
+            "--steps", "100000", "--checkpoint-dir", str(ck), "--checkpoint-every", "2"]
+    procs = _two_processes(args, tmp_path, "k")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and procs[0].poll() is None and not (ck / "2").is_dir():
+        time.sleep(0.05)
+    procs[victim].kill()
+    killed = time.monotonic()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=120)
+    elapsed = time.monotonic() - killed
+    procs[victim].communicate(timeout=30)
+    assert survivor.returncode == EXIT_PEER_LOST, err[-3000:]
+    assert elapsed < 15, elapsed
+    assert _runtime_lines(err) == [], err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    lost = "process 0 (the coordinator)" if victim == 0 else "process 1"
+    m = re.fullmatch(rf"lore-jax: lost {re.escape(lost)} after step (\d+), so process "
+                     rf"{1 - victim} stops; the newest checkpoint is {re.escape(str(ck))}/(\d+): "
+                     rf"restart every process with --resume to continue from it\.", lines[-1])
+    assert m, lines[-1]
+    step, saved = int(m[1]), int(m[2])
+    assert saved == max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    assert 2 <= saved <= step
+    logged = [r["step"] for r in read_log(tmp_path / "k0.jsonl") if r["event"] == "train"]
+    assert step == logged[-1] if victim == 1 else abs(step - logged[-1]) <= 1
+
+
 def test_the_supervisor_turns_a_runtime_abort_into_one_line(tmp_path, capfd):
     """A child that JAX's client ends from C++ (its fatal log, a stack, SIGABRT) after
     step 7: the parent holds those lines back and prints the one line instead; a child
