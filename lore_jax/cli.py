@@ -34,6 +34,13 @@ For example, on one machine::
     lore-jax train --devices 8 --coordinator localhost:12355 --num-processes 2 --process-id 0 &
     lore-jax train --devices 8 --coordinator localhost:12355 --num-processes 2 --process-id 1
 
+A lost process: if one process of the job dies, every other one stops within seconds
+(``--heartbeat-timeout``, default 10 s, bounds it) with one line on stderr naming the lost
+process, the last step it finished and the newest checkpoint to resume from, and exits
+with status 75 (``EX_TEMPFAIL``); restart every process with ``--resume``. To do this
+each process runs the training in a child process that it watches
+(:mod:`lore_jax.training.faults` says why).
+
 Errors a user can fix (unknown task or compressor, too few devices, a missing data file,
 a checkpoint from another model, an existing checkpoint without ``--resume``) print one
 line on stderr and exit with status 2, before anything is written.
@@ -45,6 +52,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+
+from lore_jax.training import faults
 
 EXIT_USAGE = 2
 EXIT_SIGTERM = 143   # 128 + SIGTERM: stopped by a preemption notice with nothing saved
@@ -139,6 +148,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="address of process 0's coordinator service")
     g.add_argument("--num-processes", type=int, default=1, help="processes in the job")
     g.add_argument("--process-id", type=int, default=0, help="this process, 0 .. P-1")
+    g.add_argument("--heartbeat-timeout", type=int, default=faults.HEARTBEAT_TIMEOUT_S,
+                   metavar="S",
+                   help="seconds without a heartbeat after which a process counts as lost "
+                        "and the others stop (exit 75, one line naming it, the step and the "
+                        "newest checkpoint) (default: %(default)s)")
+    g.add_argument("--shutdown-timeout", type=int, default=faults.SHUTDOWN_TIMEOUT_S,
+                   metavar="S",
+                   help="seconds a finished process waits for the others at exit "
+                        "(default: %(default)s)")
+    g.add_argument("--init-timeout", type=int, default=faults.INIT_TIMEOUT_S, metavar="S",
+                   help="seconds a starting process waits for all processes to connect "
+                        "(default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,14 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_devices(args: argparse.Namespace) -> None:
-    """Simulated CPU devices and jax.distributed, before JAX starts its backends."""
+def _check_processes(args: argparse.Namespace) -> None:
+    """The multi-process options, checked before anything starts."""
     if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
         raise _UsageError(f"--process-id must be in [0, {args.num_processes}) and "
                           f"--num-processes >= 1; got {args.process_id} and "
                           f"{args.num_processes}.")
     if args.num_processes > 1 and not args.coordinator:
         raise _UsageError("--num-processes > 1 needs --coordinator HOST:PORT.")
+    for name in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
+        if getattr(args, name) < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be at least 1 second, got "
+                              f"{getattr(args, name)}.")
+
+
+def _setup_devices(args: argparse.Namespace) -> None:
+    """Simulated CPU devices and jax.distributed, before JAX starts its backends."""
     total = args.devices or DEFAULT_SIMULATED_DEVICES
     if total % args.num_processes:
         raise _UsageError(f"--devices {total} is not divisible by --num-processes "
@@ -200,9 +229,15 @@ def _setup_devices(args: argparse.Namespace) -> None:
     if args.coordinator:
         import jax
 
+        # A process that cannot connect within the timeout is ended by JAX's client
+        # from C++; the supervising parent reports it (faults.supervise).
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id,
+                                   initialization_timeout=args.init_timeout,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                   shutdown_timeout_seconds=args.shutdown_timeout)
+        faults.report_connected()
 
 
 def _config(args: argparse.Namespace, compressor: str):
@@ -280,14 +315,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       0 on success, and after SIGTERM once the checkpoint of the finished step is written;
       2 for a problem with the request (reported as one line on stderr); 143 after
-      SIGTERM without ``--checkpoint-dir`` (nothing saved); 130 on Ctrl-C.
+      SIGTERM without ``--checkpoint-dir`` (nothing saved); 130 on Ctrl-C; 75
+      (:data:`~lore_jax.training.faults.EXIT_PEER_LOST`) when another process of a
+      multi-process job was lost (one line on stderr names it, the step and the newest
+      checkpoint), or the processes did not all connect within ``--init-timeout``.
     """
+    worker = faults.start_worker()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _check_processes(args)
+        if args.num_processes > 1 and not worker:
+            return faults.supervise(argv, faults.Job(
+                args.process_id, args.num_processes, args.coordinator, args.init_timeout,
+                getattr(args, "checkpoint_dir", None)))
         _setup_devices(args)
         from lore_jax.training.errors import TrainingError
         from lore_jax.training.loop import Preempted
@@ -299,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as e:
             print(f"lore-jax: {e}", file=sys.stderr)
             return 0 if e.checkpoint else EXIT_SIGTERM
+        except faults.PeerLost as e:
+            faults.leave_lost(e, getattr(args, "checkpoint_dir", None))
     except _UsageError as e:
         print(f"lore-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -472,3 +472,108 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     losses += [r["loss"] for r in read_log(tmp_path / "b0.jsonl") if r["event"] == "train"]
     single = train(TrainConfig(steps=k + 3, **{**SMALL, "schedule": "constant"}))
     np.testing.assert_allclose(losses, _losses(single), rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- a lost process
+
+
+def _runtime_lines(err: str) -> list[str]:
+    """Lines of a traceback or of the distributed runtime's C++ logs and stacks."""
+    import re
+
+    cpp = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|Check failure|^\s+@\s+0x|terminate called|"
+                     r"Traceback|gloo::|JaxRuntimeError")
+    return [line for line in err.splitlines() if cpp.search(line)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other_within_seconds(tmp_path, victim):
+    """SIGKILL to one process of two, once a checkpoint is written: the other exits
+    within 15 s with status 75 and one line naming the lost process, the step and the
+    newest checkpoint; no traceback, no C++ stack. Process 0 hosts the coordination
+    service, so losing it is the harder case (JAX's client aborts from C++)."""
+    import re
+    import time
+
+    from lore_jax.training.faults import EXIT_PEER_LOST
+
+    ck = tmp_path / "ck"
+    args = [*TWO_PROCESS_ARGS, "--compressor", "dense", "--schedule", "constant",
+            "--steps", "100000", "--checkpoint-dir", str(ck), "--checkpoint-every", "2"]
+    procs = _two_processes(args, tmp_path, "k")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and procs[0].poll() is None and not (ck / "2").is_dir():
+        time.sleep(0.05)
+    procs[victim].kill()
+    killed = time.monotonic()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=120)
+    elapsed = time.monotonic() - killed
+    procs[victim].communicate(timeout=30)
+    assert survivor.returncode == EXIT_PEER_LOST, err[-3000:]
+    assert elapsed < 15, elapsed
+    assert _runtime_lines(err) == [], err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    lost = "process 0 (the coordinator)" if victim == 0 else "process 1"
+    m = re.fullmatch(rf"lore-jax: lost {re.escape(lost)} after step (\d+), so process "
+                     rf"{1 - victim} stops; the newest checkpoint is {re.escape(str(ck))}/(\d+): "
+                     rf"restart every process with --resume to continue from it\.", lines[-1])
+    assert m, lines[-1]
+    step, saved = int(m[1]), int(m[2])
+    assert saved == max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    assert 2 <= saved <= step
+    logged = [r["step"] for r in read_log(tmp_path / "k0.jsonl") if r["event"] == "train"]
+    assert step == logged[-1] if victim == 1 else abs(step - logged[-1]) <= 1
+
+
+def test_the_supervisor_turns_a_runtime_abort_into_one_line(tmp_path, capfd):
+    """A child that JAX's client ends from C++ (its fatal log, a stack, SIGABRT) after
+    step 7: the parent holds those lines back and prints the one line instead; a child
+    that ends otherwise keeps its exit status and its C-level stderr."""
+    from lore_jax.training import faults
+
+    fatal = ("F1201 17:31:36.401415    9127 client.h:80] Terminating process because the "
+             "JAX distributed service detected fatal errors. absl::Status: UNAVAILABLE: "
+             "Failed to send RPC to coordination service. Either the leader task was "
+             "preempted/died/restarted unexpectedly\\n*** Check failure stack trace: ***\\n"
+             "    @     0x7fb533040634  absl::log_internal::LogMessage::SendToLog()\\n")
+    script = ("import os, sys\nfrom lore_jax.training import faults\nfaults.start_worker()\n"
+              "print('warning from Python', file=sys.stderr, flush=True)\n"
+              "os.write(2, b'a C-level line\\n')\n"
+              "if sys.argv[1] != 'no-connect': faults.report_connected()\n"
+              f"faults.report_step(7)\nos.write(2, b'{fatal}')\n"
+              "if sys.argv[1] != 'exit': os.abort()\nsys.exit(3)\n")
+    command = [sys.executable, "-c", script]
+    (tmp_path / "ck" / "6").mkdir(parents=True)
+    (tmp_path / "ck" / "8.orbax-checkpoint-tmp").mkdir()
+    job = faults.Job(1, 2, "localhost:1234", 300, str(tmp_path / "ck"))
+    assert faults.supervise(["abort"], job, command=command) == 75
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["warning from Python", "a C-level line",
+                   f"lore-jax: lost process 0 (the coordinator) after step 7, so process 1 "
+                   f"stops; the newest checkpoint is {tmp_path / 'ck' / '6'}: restart every "
+                   f"process with --resume to continue from it."]
+    assert faults.supervise(["exit"], job, command=command) == 3
+    err = capfd.readouterr().err
+    assert "Check failure stack trace" in err and "lost" not in err
+    assert faults.supervise(["no-connect"], job, command=command) == 75
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        "lore-jax: the 2-process job did not start: process 1 and the others did not all "
+        "connect to the coordinator at localhost:1234 within 300 s (--init-timeout); start "
+        "every process with the same --coordinator and --num-processes.")
+
+
+def test_lost_process_names_and_messages():
+    from lore_jax.training.faults import lost_message, lost_processes
+
+    heartbeat = ("UNAVAILABLE: The following tasks are unhealthy (stopped sending "
+                 "heartbeats):\n2\nThe tasks have crashed.")
+    assert lost_processes(heartbeat, 0, 4) == [2]
+    assert lost_processes("Barrier failed: Task 3 heartbeat timeout.", 1, 4) == [3]
+    assert lost_processes("Failed to send RPC to coordination service.", 2, 4) == [0]
+    assert lost_processes("Gloo all-reduce failed: Connection reset by peer", 1, 2) == [0]
+    assert lost_processes("Gloo all-reduce failed: Connection reset by peer", 1, 4) == []
+    assert lost_message([], 1, None, None) == (
+        "lore-jax: lost a peer process before the first step, so process 1 stops; no "
+        "--checkpoint-dir was given, so a restart begins at step 0.")

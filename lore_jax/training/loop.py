@@ -24,8 +24,8 @@ from jax.sharding import PartitionSpec as P
 from lore_jax import accounting, layout
 from lore_jax.greedylore import ALLOCATIONS, PROBE_KINDS, REFRESH_METHODS, TRACKING_KINDS
 from lore_jax.training import data as data_lib
+from lore_jax.training import faults, models, optimizers, tasks
 from lore_jax.training import metrics as metrics_lib
-from lore_jax.training import models, optimizers, tasks
 from lore_jax.training import step as step_lib
 from lore_jax.training.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint
 from lore_jax.training.errors import TrainingError
@@ -329,16 +329,35 @@ def train(config: TrainConfig) -> RunResult:
     and raises :class:`Preempted`; ``--resume`` continues from it bit for bit. The grace
     period this needs is one step plus one checkpoint write.
 
+    In a multi-process run, a collective or the distributed runtime failing because
+    another process is gone raises :class:`~lore_jax.training.faults.PeerLost` (the
+    last finished step and the error's first line). Each finished step is reported to a
+    supervising ``lore-jax`` parent process, if there is one
+    (:func:`~lore_jax.training.faults.supervise`).
+
     Raises:
       TrainingError: bad options, missing data, too few devices, or a checkpoint that
         does not fit (checked before anything is written).
       Preempted: SIGTERM arrived (see above).
+      PeerLost: another process of the job was lost.
     """
-    with _blas_single_threaded(), _preemption_notice() as stop:
-        return _train(config.resolved(), stop)
+    done: list[int] = []   # the last finished step, for PeerLost
+    try:
+        with _blas_single_threaded(), _preemption_notice() as stop:
+            return _train(config.resolved(), stop, done)
+    except Exception as e:
+        if jax.process_count() > 1 and faults.is_peer_failure(e):
+            raise faults.PeerLost(done[-1] if done else None, faults.first_line(e)) from e
+        raise
 
 
-def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
+def _train(cfg: TrainConfig, stop=lambda step: False,
+           done: list[int] | None = None) -> RunResult:
+    def finished(step: int) -> None:
+        if done is not None:
+            done[:] = [step]
+        faults.report_step(step)
+
     # Never overwrite a checkpoint: refuse before doing anything else.
     ckpt, latest = None, None
     if cfg.checkpoint_dir:
@@ -392,6 +411,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
         start, meta, (params, opt_state) = _restore_newest_readable(
             ckpt, params, opt_state, _resume_settings(cfg))
         position = data_lib.DataPosition(*meta["position"])
+        finished(start)
     else:
         params = step_lib.replicate(_initial_params(cfg, dataset, new_model), mesh)
         opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
@@ -446,6 +466,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False) -> RunResult:
             record = {"event": "train", "step": step, **m, **comm, "step_time": dt}
             history.append(record)
             log.write(record)
+            finished(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 run_eval(step)
             preempted = step < cfg.steps and stop(step)
