@@ -270,6 +270,31 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path)
     assert not log.exists()
 
 
+@pytest.mark.parametrize("code, cause", [(30, "Read-only file system"),
+                                         (13, "Permission denied")])
+def test_a_read_only_or_forbidden_directory_is_refused_before_training(tmp_path, monkeypatch,
+                                                                       code, cause):
+    """A read-only file system or a directory without write permission (injected into
+    the probe write, since root ignores permissions here): one line naming the directory
+    and the cause, before anything is trained or logged."""
+    import pathlib
+
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".lore_jax_write_probe"):
+            raise OSError(code, cause)
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(CheckpointError) as e:
+        train(TrainConfig(steps=4, checkpoint_dir=str(tmp_path / "ck"), log=str(log), **SMALL))
+    assert str(e.value) == (f"cannot write checkpoints to {tmp_path / 'ck'}: {cause}; choose "
+                            f"a writable --checkpoint-dir.")
+    assert not log.exists()
+
+
 def test_a_failed_save_names_the_cause_and_the_checkpoint_kept(tmp_path, monkeypatch):
     """A full disk at the second save: one error naming the cause and the step-2
     checkpoint, which stays complete (a fault-injecting orbax save)."""
