@@ -216,7 +216,9 @@ class Checkpointer:
             diff = _first_difference(saved.get("opt_state", {}), signature(opt_state))
             raise CheckpointError(
                 f"checkpoint {where} holds a different optimizer state ({diff}); resume "
-                f"with the same --compressor, --rank, --optimizer and --devices.")
+                f"with the same --compressor, --rank, --optimizer and --devices (a "
+                f"checkpoint from an earlier lore_jax, whose optimizer state was laid out "
+                f"differently, cannot be resumed: use another --checkpoint-dir).")
         return meta
 
     def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any]:
