@@ -18,7 +18,7 @@ grow with the number of leaves. The others take them leaf by leaf (``_send_leaf`
 from __future__ import annotations
 
 import sys
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -105,16 +105,15 @@ def _leaf_plans(compressor: Compressor, tree: Any, weight_dimension_numbers: Any
                 dense: Any = None) -> list[_Leaf]:
     """Matrix compressors get each leaf's matrices (non-matrices go dense); others the
     leaf; leaves the ``dense`` mask marks go dense."""
-    flags = dense_flags(dense, tree)
+    flags = _dense_flags(dense, tree)
     if not compressor.matrix:
-        return [_Leaf(DENSE if d else compressor, None)
-                for d in flags]
+        return [_Leaf(DENSE if d else compressor, None) for d in flags]
     return [_Leaf(DENSE if v is None or d else compressor, v)
             for v, d in zip(subspace.resolve_views(tree, weight_dimension_numbers), flags,
                             strict=True)]
 
 
-def dense_flags(dense: Any, tree: Any) -> list[bool]:
+def _dense_flags(dense: Any, tree: Any) -> list[bool]:
     """Evaluates an optax-style ``dense`` mask on ``tree`` into one bool per leaf."""
     n = len(jax.tree.leaves(tree))
     if dense is None:
@@ -245,14 +244,23 @@ class _Stacks(NamedTuple):
     dense: list[jax.Array]          # the pieces sent dense, in order
 
 
+def _grouping(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
+              xs: list[Any], axis_name: collectives.AxisName, by_shape: bool) -> tuple:
+    """Every leaf cut into its matrices and routed (:func:`_route`), with each matrix's
+    key: ``(pieces, slots, members, dense, keys)``, the last per leaf and matrix."""
+    pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
+    slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
+    pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
+    return pieces, slots, members, dense, pkeys
+
+
 def _stack_groups(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
                   xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   by_shape: bool) -> _Stacks:
     """Cuts every leaf into its matrices and stacks the same-shape ones (:func:`_route`);
     ``states`` are the groups' (stacked, in group order)."""
-    pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
-    slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
-    pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
+    pieces, slots, members, dense, pkeys = _grouping(groups, plans, keys, xs, axis_name,
+                                                     by_shape)
     order = list(members)
     return _Stacks(
         pieces, slots, order,
@@ -267,10 +275,9 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
     """The groups' compressor states, each the stack of its matrices' ``init`` (each
     matrix's key as when compressed one at a time), in group order; a state varies over
     the mesh axes its group's shards do."""
-    pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, leaves, strict=True)]
-    _, members, _ = _route(compressor.groups, plans, pieces, axis_name, by_shape)
-    pkeys = [_matrix_keys(jax.random.fold_in(key, i), leaf.view)
-             for i, leaf in enumerate(plans)]
+    keys = [jax.random.fold_in(key, i) for i in range(len(plans))]
+    pieces, _, members, _, pkeys = _grouping(compressor.groups, plans, keys, leaves,
+                                             axis_name, by_shape)
 
     def group_state(pairs):
         state = _stack([compressor.init(pkeys[i][j], pieces[i][j].shape, pieces[i][j].dtype)
@@ -317,8 +324,7 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
                   xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   count: jax.Array, by_shape: bool = True
-                  ) -> tuple[list[tuple[jax.Array, jax.Array, Any, list]], tuple,
-                             int | jax.Array]:
+                  ) -> tuple[list[tuple[jax.Array, jax.Array, list]], tuple, int | jax.Array]:
     """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
 
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
@@ -326,9 +332,9 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
     (``groups.communicate``: GreedyLore's phases) and the dense pieces take one mean.
 
-    Returns what :func:`_send_leaf` returns, per leaf, with the same keys and results as
-    one matrix at a time (the leaves' ``nbits`` count their dense pieces, their states
-    are ``None``), the groups' new states and the bits of their payloads.
+    Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
+    matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states
+    and the bits of their payloads.
     """
     groups = compressor.groups
     st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
@@ -351,18 +357,19 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     for i, leaf in enumerate(plans):
         parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
         loc, bar, nbits = (list(r) for r in zip(*parts, strict=True))
-        out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), None, nbits))
+        out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), nbits))
     return out, tuple(states), bits
 
 
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
-                      transform: str = "compressed_mean", groups: str | None = None) -> None:
+                      transform: str = "compressed_mean",
+                      groups: Callable[[], str] | None = None) -> None:
     """Raises a ValueError naming the gradient leaves the state was not initialised for.
 
     Compares, leaf by leaf, the per-parameter parts of the state (error memory, tracker,
     compressor state) with those ``init`` would give for parameters shaped like
     ``updates`` (abstractly: nothing is computed); a grouped compressor state is
-    compared group by group, ``groups`` describing the gradients' groups.
+    compared group by group, ``groups()`` describing the gradients' groups.
     """
     want = jax.eval_shape(init_fn, jax.tree.map(
         lambda g: jax.ShapeDtypeStruct(np.shape(g), jnp.result_type(g)), updates))
@@ -382,7 +389,7 @@ def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
             raise ValueError(
                 f"{transform}: the gradients do not match the parameters the state was "
                 f"initialised with (compressor_state, one per group of same-shape matrices: "
-                f"the gradients' groups are {groups}; the state's group states have shapes "
+                f"the gradients' groups are {groups()}; the state's group states have shapes "
                 f"{firsts(state.compressor_state)}, the gradients need "
                 f"{firsts(want.compressor_state)}). Initialise the optimizer with "
                 f"parameters of the same structure and shapes as the gradients."
@@ -611,7 +618,7 @@ def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
                 cstate_def.unflatten([cs for _, _, cs, _ in sent]), [])
     sent, states, bits = _send_grouped(compressor, plans, keys, sends, cstate, axis_name,
                                        count, batch_by_shape)
-    return [(loc, bar, n) for loc, bar, _, n in sent], states, [bits]
+    return sent, states, [bits]
 
 
 def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _Step,
@@ -723,7 +730,7 @@ def pipeline(
         plans = plans_for(updates)
         _check_state_fits(updates, state, init_fn, transform,
                           None if compressor.groups is None
-                          else _describe_groups(compressor, plans, updates))
+                          else lambda: _describe_groups(compressor, plans, updates))
         leaves, treedef = jax.tree.flatten(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
         sent, cstate, group_bits = _send(
