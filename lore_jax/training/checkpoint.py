@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lore_jax.training.errors import TrainingError
+from lore_jax.training.errors import TrainingError, causes
 
 
 class CheckpointError(TrainingError):
@@ -59,12 +59,9 @@ def _cause(e: BaseException) -> str:
     """The root cause of ``e`` in a few words: an OSError's message (``No space left on
     device``, ``Read-only file system``, ``Permission denied``), found through the
     exception's causes and contexts, or its first line."""
-    seen, cur = set(), e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    for cur in causes(e):
         if isinstance(cur, OSError) and cur.strerror:
             return cur.strerror
-        cur = cur.__cause__ or cur.__context__
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 

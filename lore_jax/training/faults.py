@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lore_jax.training.errors import causes
+
 #: Exit status of a process that stopped because another process of its job was lost
 #: (``EX_TEMPFAIL``: restart the job, with ``--resume`` to continue from a checkpoint).
 EXIT_PEER_LOST = 75
@@ -96,25 +98,16 @@ def is_peer_failure(error: BaseException) -> bool:
     """
     import jax
 
-    seen, cur = set(), error
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, jax.errors.JaxRuntimeError) and _PEER_FAILURE.search(str(cur)):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return any(isinstance(e, jax.errors.JaxRuntimeError) and _PEER_FAILURE.search(str(e))
+               for e in causes(error))
 
 
 def first_line(error: BaseException) -> str:
     """The first line of the innermost JAX runtime error behind ``error``."""
     import jax
 
-    seen, cur, found = set(), error, error
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, jax.errors.JaxRuntimeError):
-            found = cur
-        cur = cur.__cause__ or cur.__context__
+    found = ([e for e in causes(error) if isinstance(e, jax.errors.JaxRuntimeError)]
+             or [error])[-1]
     lines = str(found).strip().splitlines()
     return lines[0] if lines else type(found).__name__
 
