@@ -324,7 +324,8 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
                   xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   count: jax.Array, by_shape: bool = True
-                  ) -> tuple[list[tuple[jax.Array, jax.Array, list]], tuple, int | jax.Array]:
+                  ) -> tuple[list[tuple[jax.Array, jax.Array, list]], tuple, int | jax.Array,
+                             list[jax.Array]]:
     """Compress -> collective -> decompress for a whole model, same-shape matrices stacked.
 
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
@@ -333,8 +334,9 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     (``groups.communicate``: GreedyLore's phases) and the dense pieces take one mean.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
-    matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states
-    and the bits of their payloads.
+    matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
+    the bits of their payloads, and the mean reconstructions as sent (per group its
+    ``(k, a, b)`` stack, then the dense pieces): every leaf's ``c_bar`` is cut from them.
     """
     groups = compressor.groups
     st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
@@ -358,7 +360,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
         parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
         loc, bar, nbits = (list(r) for r in zip(*parts, strict=True))
         out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), nbits))
-    return out, tuple(states), bits
+    return out, tuple(states), bits, list(c_bar) + list(dense_bar)
 
 
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
@@ -432,10 +434,12 @@ def _finite(outs: list, errors: list, model_axes: tuple,
     agreed over ``model_axes`` (the shards of a leaf), so that replicated state stays
     replicated (XLA combines the two reductions into one all-reduce).
 
-    ``check_memory=False`` where every entry of every input reaches the output (matrix
-    compressors with ``groups`` multiply each matrix by dense factors, and the dense
-    pieces are sent as they are), so that a finite output means finite memory: the
-    memory's reductions, one per leaf, would double the step's HLO.
+    ``outs`` are the arrays whose finiteness is the output's: the outputs themselves, or
+    (:func:`_checked_outputs`) the stacks they are cut from. ``check_memory=False`` where
+    every entry of every input reaches the output (matrix compressors with ``groups``
+    multiply each matrix by dense factors, and the dense pieces are sent as they are),
+    so that a finite output means finite memory: the memory's reductions, one per leaf,
+    would double the step's HLO.
     """
     finite = collectives.agree(collectives.all_finite(outs), model_axes)
     if not check_memory:
@@ -567,6 +571,19 @@ def compressed_mean(
                     batch_by_shape=batch_by_shape, dense=dense)
 
 
+def _checked_outputs(mode: ef.ErrorFeedback, outs: list, witness: list | None) -> list:
+    """The arrays to check for the output's finiteness: the per-group stacks and dense
+    means every output leaf is cut from (``witness``, from :func:`_send_grouped`), where
+    the output is such a cut in float32; the outputs themselves otherwise (leaf
+    compressors; EF21, whose output adds the tracker; narrower dtypes, where the cast
+    can overflow). A model's few stacks compile to a few reductions, its leaves to one
+    or more each.
+    """
+    if witness is None or ef.has_global(mode):
+        return outs
+    return witness + [o for o in outs if o.dtype not in (jnp.float32, jnp.float64)]
+
+
 class _Step(NamedTuple):
     """One step's per-leaf quantities, flattened like the gradients."""
 
@@ -601,10 +618,11 @@ def _step_keys(state: CompressedMeanState, plans: list[_Leaf],
 def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
           leaves: list[jax.Array], step: _Step, cstate: Any, cstate_def: Any,
           axis_name: collectives.AxisName, count: jax.Array, batch_by_shape: bool
-          ) -> tuple[list[tuple[jax.Array, jax.Array, list]], Any, list]:
+          ) -> tuple[list[tuple[jax.Array, jax.Array, list]], Any, list, list | None]:
     """Compress -> collective -> decompress: per leaf ``(c_local, c_bar, nbits)``, the new
     compressor state (laid out as the state holds it: per leaf, or per group of
-    :func:`_send_grouped`) and the bits of the groups, a list of at most one."""
+    :func:`_send_grouped`), the bits of the groups, a list of at most one, and the
+    grouped path's mean stacks (:func:`_checked_outputs`; ``None`` leaf by leaf)."""
     groups = compressor.groups
     full = groups is not None and groups.communicate is not None
     # Compressed in the gradient's dtype (the memory absorbs the rounding), unless the
@@ -615,10 +633,10 @@ def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
         sent = [_send_leaf(leaf, k, x, cs, axis_name) for leaf, k, x, cs in
                 zip(plans, keys, sends, cstate_def.flatten_up_to(cstate), strict=True)]
         return ([(loc, bar, n) for loc, bar, _, n in sent],
-                cstate_def.unflatten([cs for _, _, cs, _ in sent]), [])
-    sent, states, bits = _send_grouped(compressor, plans, keys, sends, cstate, axis_name,
-                                       count, batch_by_shape)
-    return sent, states, [bits]
+                cstate_def.unflatten([cs for _, _, cs, _ in sent]), [], None)
+    sent, states, bits, witness = _send_grouped(compressor, plans, keys, sends, cstate,
+                                                axis_name, count, batch_by_shape)
+    return sent, states, [bits], witness
 
 
 def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _Step,
@@ -733,12 +751,13 @@ def pipeline(
                           else lambda: _describe_groups(compressor, plans, updates))
         leaves, treedef = jax.tree.flatten(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
-        sent, cstate, group_bits = _send(
+        sent, cstate, group_bits, witness = _send(
             compressor, plans, _step_keys(state, plans, axis_name), leaves, step,
             state.compressor_state, _state_structure(updates), axis_name, state.count,
             batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
-        finite, error_finite = _finite(outs, errors, collectives.model_axes(updates, axis_name),
+        finite, error_finite = _finite(_checked_outputs(mode, outs, witness), errors,
+                                       collectives.model_axes(updates, axis_name),
                                        check_memory=compressor.groups is None)
         bits = [b for *_, nbits in sent for b in nbits] + group_bits
         new_state = _next_state(

@@ -352,6 +352,34 @@ def test_nonfinite_step_keeps_the_state():
     np.testing.assert_allclose(upd["w"], -0.1 * np.where(np.arange(8) >= 6, np.arange(8), 0))
 
 
+@pytest.mark.parametrize("leaf, index", [("a", (3, 2, 1)), ("b", (0, 5, 0)),
+                                         ("bias", (6, 4)), ("h", (1, 0, 3))])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad):
+    # PowerSGD stacks a and b (one group) and sends the bias dense; h is bfloat16. The
+    # finiteness is read from the stacks and dense means the outputs are cut from: a
+    # bad entry on one device in any of them must skip the step on every device.
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.zeros((8, 6)), "b": jnp.zeros((8, 6)), "bias": jnp.zeros(6),
+              "h": jnp.zeros((6, 4), jnp.bfloat16)}
+    grads = {k: rng.standard_normal((N,) + v.shape).astype(np.float32) for k, v in
+             params.items()}
+    grads["h"] = grads["h"].astype(jnp.bfloat16)
+    tx = compressed_mean(C.powersgd(2))
+    state, step = init_and_step(tx, params, mesh)
+    _, state = step(put(grads, mesh), state)
+    broken = dict(grads, **{leaf: np.array(grads[leaf])})
+    broken[leaf][index] = bad
+    out, new = step(put(broken, mesh), state)
+    assert int(new.nonfinite_steps) == 1 and int(new.count) == int(state.count) == 1
+    for kept, old in zip(jax.tree.leaves((new.error, new.compressor_state)),
+                         jax.tree.leaves((state.error, state.compressor_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(old, np.float32))
+    # The same step without the bad entry is a normal one.
+    _, good = step(put(grads, mesh), state)
+    assert int(good.nonfinite_steps) == 0 and int(good.count) == 2
+
+
 # --------------------------------------------------------------- error feedback (EF14)
 
 
