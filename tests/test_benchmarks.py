@@ -134,24 +134,31 @@ def test_train_run_stops_at_a_held_out_lm_target(mesh):
 
 def test_collectives_counts_the_ops_of_each_step(tmp_path):
     collectives.main(["--out", str(tmp_path), "--mlp-layers", "3", "--width", "16",
-                      "--gpt-layers", "1", "--rank", "2", "--repeats", "1"])
+                      "--gpt-layers", "1", "--gpt-width", "16", "--rank", "2",
+                      "--repeats", "1", "--methods", "powersgd,greedylore"])
     d = _written(tmp_path, "collectives")
     (mlp, gpt) = d["models"].values()
     assert (mlp["leaves"], mlp["shapes"]) == (6, 2)
     for model in (mlp, gpt):
         rows = {r["method"]: r for r in model["rows"]}
+        assert set(rows) == {"dense", "powersgd", "greedylore"}
         # Dense: every leaf in one mean, which XLA keeps as one (tuple) all-reduce.
         assert rows["dense"]["collectives"] == {"all-reduce": 1}
-        assert rows["dense"]["compile_vs_dense"] == 1.0
+        assert rows["dense"]["compile_vs_dense"] == rows["dense"]["train_compile_vs_dense"] == 1
         # GreedyLore's compressed step runs fewer collectives than its three branches hold,
         # and at least its two rounds.
         step, total = rows["greedylore"]["compressed_step"], rows["greedylore"]["collectives"]
         assert 2 <= sum(step.values()) < sum(total.values())
+        for r in rows.values():   # the training step holds the update step
+            assert r["train_compile_s"] > 0 and r["train_step_s"] > 0
     for c in d["checks"]:   # each verdict is the one its figure gives
         if "compile" in c["target"]:
             assert c["met"] == (float(c["value"].rstrip("x")) <= 2)
+        elif "refresh" in c["target"]:
+            assert c["met"] == (float(c["value"].rstrip("x")) <= 1)
         else:
             assert c["met"] == (int(c["value"].split()[0]) <= 5)
+    assert sum("refresh" in c["target"] for c in d["checks"]) == 2
 
 
 def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
