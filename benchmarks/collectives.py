@@ -224,16 +224,18 @@ def checks(model: str, m: dict[str, Any]) -> list[dict[str, Any]]:
         per_round = sum((r.get("compressed_step") or r["collectives"]).values())
         out.append({"target": f"{model} {r['method']}: <= 2 collectives per round + 1 dense "
                               f"(<= 5 for two rounds)", "met": per_round <= 5,
+                    "figure": per_round, "limit": 5,
                     "value": f"{per_round} in a compressed step"})
+        ratio = r["train_compile_vs_dense"]
         out.append({"target": f"{model} {r['method']}: training-step compile time <= 2x "
-                              f"dense", "met": r["train_compile_vs_dense"] <= 2,
-                    "value": f"{r['train_compile_vs_dense']:.1f}x"})
+                              f"dense", "met": ratio <= 2, "figure": ratio, "limit": 2,
+                    "value": f"{ratio:.2f}x"})
     if "refresh_one_device_s" not in m:
         return out
     ratio = m["refresh_one_device_s"] / m["numpy_svd_s"]
     out.append({"target": f"{model} greedylore: first step (refresh) on one device <= 1x "
                           f"NumPy's single-threaded SVD", "met": ratio <= 1,
-                "value": f"{ratio:.2f}x"})
+                "figure": ratio, "limit": 1, "value": f"{ratio:.2f}x"})
     return out
 
 

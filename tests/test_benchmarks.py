@@ -151,14 +151,20 @@ def test_collectives_counts_the_ops_of_each_step(tmp_path):
         assert 2 <= sum(step.values()) < sum(total.values())
         for r in rows.values():   # the training step holds the update step
             assert r["train_compile_s"] > 0 and r["train_step_s"] > 0
+    figures = {}   # the figure each check judges, recomputed from the rows
+    for name, model in d["models"].items():
+        for r in model["rows"][1:]:
+            per_round = sum((r.get("compressed_step") or r["collectives"]).values())
+            figures[f"{name} {r['method']}: <="] = (per_round, 5)
+            figures[f"{name} {r['method']}: training"] = (
+                r["train_compile_s"] / model["rows"][0]["train_compile_s"], 2)
+        figures[f"{name} greedylore: first"] = (
+            model["refresh_one_device_s"] / model["numpy_svd_s"], 1)
+    assert len(d["checks"]) == len(figures) == 2 * 5
     for c in d["checks"]:   # each verdict is the one its figure gives
-        if "compile" in c["target"]:
-            assert c["met"] == (float(c["value"].rstrip("x")) <= 2)
-        elif "refresh" in c["target"]:
-            assert c["met"] == (float(c["value"].rstrip("x")) <= 1)
-        else:
-            assert c["met"] == (int(c["value"].split()[0]) <= 5)
-    assert sum("refresh" in c["target"] for c in d["checks"]) == 2
+        (figure, limit), = [v for k, v in figures.items() if c["target"].startswith(k)]
+        assert c["figure"] == pytest.approx(figure) and c["limit"] == limit
+        assert c["met"] == (figure <= limit)
 
 
 def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
