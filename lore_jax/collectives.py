@@ -224,34 +224,44 @@ def pmean(tree: Any, axis_name: AxisName) -> Any:
     return jax.tree.map(lambda x: x / jnp.asarray(n, x.dtype), summed)
 
 
-def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array]) -> Any:
+def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array]
+            ) -> tuple[Any, list[jax.Array]]:
     """``collective`` applied to the leaves packed into one flat buffer per dtype and per
     set of mesh axes they vary over; its result keeps any leading axes it adds (an
-    all-gather's ``N``) in front of every leaf's shape."""
+    all-gather's ``N``) in front of every leaf's shape. Returns the result and the
+    buffers it was cut from."""
     leaves, treedef = jax.tree.flatten(tree)
     buckets: dict[tuple, list[int]] = {}
     for i, x in enumerate(leaves):
         buckets.setdefault((jnp.dtype(x.dtype), varying_axes(x)), []).append(i)
     out: list[Any] = [None] * len(leaves)
+    flats = []
     for members in buckets.values():
         flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in members]))
         ends = np.cumsum([leaves[i].size for i in members])[:-1]
         for i, part in zip(members, jnp.split(flat, ends, axis=-1), strict=True):
             out[i] = part.reshape(part.shape[:-1] + leaves[i].shape)
-    return treedef.unflatten(out)
+        flats.append(flat)
+    return treedef.unflatten(out), flats
 
 
-def pmean_packed(tree: Any, axis_name: AxisName) -> Any:
+def pmean_packed(tree: Any, axis_name: AxisName, *, with_buffers: bool = False) -> Any:
     """:func:`pmean` with the leaves packed into one flat buffer per dtype (and per set of
     other mesh axes they vary over): exactly one all-reduce per buffer, whatever XLA's
     combiner would make of many small ones. For the small payloads of a compression
-    round; a dense gradient is better left to :func:`pmean`, which needs no copy.
+    round, and the small dense leaves beside them; a large dense gradient alone is
+    better left to :func:`pmean`, which needs no copy.
+
+    ``with_buffers=True`` returns ``(means, buffers)``: also the averaged flat buffers
+    the means are cut from (the leaves themselves without an axis), e.g. to check a
+    whole model's values with one reduction per buffer.
     """
     if axis_name is None:
-        return tree
+        return (tree, jax.tree.leaves(tree)) if with_buffers else tree
     n = axis_size(axis_name)
-    return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
-                   / jnp.asarray(n, flat.dtype))
+    out, flats = _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
+                         / jnp.asarray(n, flat.dtype))
+    return (out, flats) if with_buffers else out
 
 
 def all_gather_packed(tree: Any, axis_name: AxisName) -> Any:
@@ -259,7 +269,7 @@ def all_gather_packed(tree: Any, axis_name: AxisName) -> Any:
     all-gather per buffer."""
     if axis_name is None:
         return jax.tree.map(lambda x: x[None], tree)
-    return _packed(tree, lambda flat: all_gather(flat, axis_name))
+    return _packed(tree, lambda flat: all_gather(flat, axis_name))[0]
 
 
 def all_gather(tree: Any, axis_name: AxisName) -> Any:

@@ -289,14 +289,15 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
 
 
 def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName
-                ) -> tuple[list, list, list, list, int]:
+                ) -> tuple[list, list, list, list, int, list]:
     """Compress -> collective -> decompress for every group at once, each round (inner
     ones included) in one packed collective; the dense pieces travel with the payloads
-    (linear compressors) or in one mean of their own.
+    (linear compressors) or in one packed mean of their own.
 
-    Returns ``(c_local, c_bar, states, dense_bar, bits)``: per group the local and mean
-    reconstructions and the new stacked states, the dense pieces' means, and the bits
-    the groups' payloads took.
+    Returns ``(c_local, c_bar, states, dense_bar, bits, buffers)``: per group the local
+    and mean reconstructions and the new stacked states, the dense pieces' means, the
+    bits the groups' payloads took, and the averaged flat buffers the dense means were
+    cut from.
     """
     groups = compressor.groups
 
@@ -307,7 +308,8 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
     states = st.states
     if compressor.linear:
-        mean_payloads, dense_bar = mean((payloads, st.dense))
+        (mean_payloads, dense_bar), buffers = collectives.pmean_packed(
+            (payloads, st.dense), axis_name, with_buffers=True)
         c_bar = [groups.decompress(p, sh) for p, sh in zip(mean_payloads, shared, strict=True)]
         if groups.next_state is not None:
             states = [s_ if s_ is None else groups.next_state(s_, mp)
@@ -316,9 +318,9 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
         gathered = collectives.all_gather_packed(payloads, axis_name)
         c_bar = [jnp.mean(jax.vmap(lambda p, sh=sh: groups.decompress(p, sh))(g), axis=0)
                  for g, sh in zip(gathered, shared, strict=True)]
-        dense_bar = mean(st.dense)
+        dense_bar, buffers = collectives.pmean_packed(st.dense, axis_name, with_buffers=True)
     bits = sum(m.shape[0] * groups.bits(m.shape[-2], m.shape[-1]) for m in st.ms)
-    return c_local, c_bar, states, dense_bar, bits
+    return c_local, c_bar, states, dense_bar, bits, buffers
 
 
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
@@ -335,16 +337,18 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
-    the bits of their payloads, and the mean reconstructions as sent (per group its
-    ``(k, a, b)`` stack, then the dense pieces): every leaf's ``c_bar`` is cut from them.
+    the bits of their payloads, and the arrays every leaf's ``c_bar`` is cut from: per
+    group its ``(k, a, b)`` mean stack, then the averaged flat buffers of the dense
+    pieces (:func:`lore_jax.collectives.pmean_packed`).
     """
     groups = compressor.groups
     st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
     if groups.communicate is not None:
         c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
-        dense_bar = collectives.pmean(st.dense, axis_name)
+        dense_bar, buffers = collectives.pmean_packed(st.dense, axis_name, with_buffers=True)
     else:
-        c_local, c_bar, states, dense_bar, bits = _round_trip(compressor, st, axis_name)
+        c_local, c_bar, states, dense_bar, bits, buffers = _round_trip(compressor, st,
+                                                                       axis_name)
     where = {g: n for n, g in enumerate(st.order)}
 
     def piece_out(i, j, slot):
@@ -360,7 +364,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
         parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
         loc, bar, nbits = (list(r) for r in zip(*parts, strict=True))
         out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), nbits))
-    return out, tuple(states), bits, list(c_bar) + list(dense_bar)
+    return out, tuple(states), bits, list(c_bar) + list(buffers)
 
 
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
@@ -573,7 +577,7 @@ def compressed_mean(
 
 def _checked_outputs(mode: ef.ErrorFeedback, outs: list, witness: list | None) -> list:
     """The arrays to check for the output's finiteness: the per-group stacks and dense
-    means every output leaf is cut from (``witness``, from :func:`_send_grouped`), where
+    buffers every output leaf is cut from (``witness``, from :func:`_send_grouped`), where
     the output is such a cut in float32; the outputs themselves otherwise (leaf
     compressors; EF21, whose output adds the tracker; narrower dtypes, where the cast
     can overflow). A model's few stacks compile to a few reductions, its leaves to one

@@ -352,12 +352,17 @@ def test_nonfinite_step_keeps_the_state():
     np.testing.assert_allclose(upd["w"], -0.1 * np.where(np.arange(8) >= 6, np.arange(8), 0))
 
 
-@pytest.mark.parametrize("leaf, index", [("a", (3, 2, 1)), ("b", (0, 5, 0)),
-                                         ("bias", (6, 4)), ("h", (1, 0, 3))])
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad):
-    # PowerSGD stacks a and b (one group) and sends the bias dense; h is bfloat16. The
-    # finiteness is read from the stacks and dense means the outputs are cut from: a
+_POWERSGD_CASES = [(leaf, index, bad, "powersgd") for bad in (np.nan, np.inf)
+                   for leaf, index in [("a", (3, 2, 1)), ("b", (0, 5, 0)), ("bias", (6, 4)),
+                                       ("h", (1, 0, 3))]]
+
+
+@pytest.mark.parametrize("leaf, index, bad, method", _POWERSGD_CASES + [
+    ("a", (3, 2, 1), np.nan, "greedylore"), ("bias", (6, 4), np.inf, "greedylore")])
+def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad, method):
+    # PowerSGD stacks a and b (one group) and sends the bias dense; h is bfloat16.
+    # GreedyLore runs its own rounds and sends the dense pieces in a packed mean. The
+    # finiteness is read from the stacks and dense buffers the outputs are cut from: a
     # bad entry on one device in any of them must skip the step on every device.
     rng = np.random.default_rng(0)
     params = {"a": jnp.zeros((8, 6)), "b": jnp.zeros((8, 6)), "bias": jnp.zeros(6),
@@ -365,7 +370,7 @@ def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad):
     grads = {k: rng.standard_normal((N,) + v.shape).astype(np.float32) for k, v in
              params.items()}
     grads["h"] = grads["h"].astype(jnp.bfloat16)
-    tx = compressed_mean(C.powersgd(2))
+    tx = compressed_mean(C.powersgd(2)) if method == "powersgd" else lore_jax.greedylore(2)
     state, step = init_and_step(tx, params, mesh)
     _, state = step(put(grads, mesh), state)
     broken = dict(grads, **{leaf: np.array(grads[leaf])})
