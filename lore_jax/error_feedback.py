@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 ErrorFeedback = Literal["ef14", "ef21"] | None
 MODES = ("ef14", "ef21", None)
@@ -64,9 +65,15 @@ def compress_input(mode: ErrorFeedback, g: jax.Array, e: jax.Array | None) -> ja
 def local_update(
     mode: ErrorFeedback, e: jax.Array | None, x: jax.Array, c_local: jax.Array
 ) -> jax.Array | None:
-    """The new per-device memory from the local reconstruction ``c_local`` of ``x``."""
+    """The new per-device memory from the local reconstruction ``c_local`` of ``x``.
+
+    Under EF14 a vector sent as it is (``c_local is x``: a dense leaf) leaves no
+    residual, and its memory is written as zeros rather than computed as ``x - x``: the
+    same values wherever ``x`` is finite (a step where it is not keeps the old memory),
+    and no kernel per dense leaf in the compiled step.
+    """
     if mode == "ef14":
-        return x - c_local
+        return jnp.zeros_like(x) if c_local is x else x - c_local
     if mode == "ef21":
         return e + c_local
     return e

@@ -490,6 +490,28 @@ def test_dense_mask_sends_the_masked_leaves_exactly(mesh, comp):
         compressed_mean(comp, axis_name=None, dense={"emb": True}).init(params)
 
 
+@pytest.mark.parametrize("method", ["powersgd", "greedylore", "top_k"])
+def test_a_dense_leaf_sends_its_memory_and_keeps_none(mesh, method):
+    # A dense leaf's EF14 memory is zero after any step: whatever it held (here injected,
+    # as after a mask change) is sent with the gradient, mean_i (g_i + e_i), and cleared.
+    # The second step is a compressed one for every method.
+    rng = np.random.default_rng(6)
+    params = {"w": jnp.zeros((8, 6)), "bias": jnp.zeros(6)}
+    tx = {"powersgd": compressed_mean(C.powersgd(2)), "greedylore": lore_jax.greedylore(2),
+          "top_k": compressed_mean(C.top_k(2), dense={"w": False, "bias": True})}[method]
+    state, step = init_and_step(tx, params, mesh)
+    _, state = step(put({k: rng.standard_normal((N,) + v.shape).astype(np.float32)
+                         for k, v in params.items()}, mesh), state)   # GreedyLore: refresh
+    e = rng.standard_normal((N, 6)).astype(np.float32)
+    state = state._replace(error=dict(state.error, bias=jax.device_put(
+        e, state.error["bias"].sharding)))
+    g = {k: rng.standard_normal((N,) + v.shape).astype(np.float32) for k, v in params.items()}
+    out, new = step(put(g, mesh), state)
+    np.testing.assert_allclose(out["bias"], (g["bias"] + e).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new.error["bias"]), 0)
+    assert np.abs(np.asarray(new.error["w"])).max() > 0   # the compressed leaf keeps some
+
+
 def test_state_layout(mesh):
     tx = optax.chain(compressed_mean(C.powersgd(2), axis_name="data", error_feedback="ef21"),
                      optax.sgd(0.1))
