@@ -333,7 +333,8 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
     (:class:`~lore_jax.compressors.base.MatrixGroups`) and every round carries all
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
-    (``groups.communicate``: GreedyLore's phases) and the dense pieces take one mean.
+    (``groups.communicate``: GreedyLore's phases) and the dense pieces take one packed
+    mean.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
