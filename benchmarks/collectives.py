@@ -164,8 +164,8 @@ def measure_training(tx, model: Model, apply_fn, params, mesh, repeats: int
     steady step time."""
     tx = optax.chain(tx, optax.adam(1e-3))
     state = lore_jax.sharded_init(tx, params, mesh, AXIS)
-    specs = lore_jax.state_specs(jax.eval_shape(tx.init, params), AXIS)
-    step = common.plain_train_step(apply_fn, model.kind, tx, mesh, specs)
+    step = common.plain_train_step(apply_fn, model.kind, tx, mesh,
+                                   common.abstract_state(tx, params, mesh)[1])
     batch = [jax.device_put(v, NamedSharding(mesh, P(AXIS))) for v in (model.x, model.y)]
     compiled, compile_s = _compile(step, params, state, *batch)
     _, step_s = _first_and_steady(compiled, (params, state, *batch), 1, repeats)

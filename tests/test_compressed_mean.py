@@ -375,7 +375,7 @@ def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad, method):
     _, state = step(put(grads, mesh), state)
     broken = dict(grads, **{leaf: np.array(grads[leaf])})
     broken[leaf][index] = bad
-    out, new = step(put(broken, mesh), state)
+    _, new = step(put(broken, mesh), state)
     assert int(new.nonfinite_steps) == 1 and int(new.count) == int(state.count) == 1
     for kept, old in zip(jax.tree.leaves((new.error, new.compressor_state)),
                          jax.tree.leaves((state.error, state.compressor_state)), strict=True):
