@@ -135,7 +135,7 @@ def test_train_run_stops_at_a_held_out_lm_target(mesh):
 def test_collectives_counts_the_ops_of_each_step(tmp_path):
     collectives.main(["--out", str(tmp_path), "--mlp-layers", "3", "--width", "16",
                       "--gpt-layers", "1", "--gpt-width", "16", "--rank", "2",
-                      "--repeats", "1", "--methods", "greedylore"])
+                      "--repeats", "1", "--compiles", "1", "--methods", "greedylore"])
     d = _written(tmp_path, "collectives")
     (mlp, gpt) = d["models"].values()
     assert (mlp["leaves"], mlp["shapes"]) == (6, 2)
