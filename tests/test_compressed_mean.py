@@ -375,14 +375,25 @@ def test_grouped_nonfinite_step_keeps_the_state(mesh, leaf, index, bad, method):
     _, state = step(put(grads, mesh), state)
     broken = dict(grads, **{leaf: np.array(grads[leaf])})
     broken[leaf][index] = bad
-    _, new = step(put(broken, mesh), state)
+    out, new = step(put(broken, mesh), state)
     assert int(new.nonfinite_steps) == 1 and int(new.count) == int(state.count) == 1
     for kept, old in zip(jax.tree.leaves((new.error, new.compressor_state)),
                          jax.tree.leaves((state.error, state.compressor_state)), strict=True):
         np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(old, np.float32))
     # The same step without the bad entry is a normal one.
-    _, good = step(put(grads, mesh), state)
+    good_out, good = step(put(grads, mesh), state)
     assert int(good.nonfinite_steps) == 0 and int(good.count) == 2
+    # The non-finite step returns its mean as it is (for optax.apply_if_finite to skip):
+    # a bad bias entry spoils that entry alone, and every other value is the good step's.
+    assert not np.isfinite(np.asarray(out[leaf], np.float32)).all()
+    if leaf == "bias":
+        spoiled = ~np.isfinite(np.asarray(out["bias"]))
+        np.testing.assert_array_equal(spoiled, np.arange(6) == index[1])
+        np.testing.assert_array_equal(np.asarray(out["bias"])[~spoiled],
+                                      np.asarray(good_out["bias"])[~spoiled])
+        for k in ("a", "b", "h"):
+            np.testing.assert_array_equal(np.asarray(out[k], np.float32),
+                                          np.asarray(good_out[k], np.float32))
 
 
 # --------------------------------------------------------------- error feedback (EF14)
