@@ -245,23 +245,19 @@ def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array]
     return treedef.unflatten(out), flats
 
 
-def pmean_packed(tree: Any, axis_name: AxisName, *, with_buffers: bool = False) -> Any:
+def pmean_packed(tree: Any, axis_name: AxisName) -> Any:
     """:func:`pmean` with the leaves packed into one flat buffer per dtype (and per set of
     other mesh axes they vary over): exactly one all-reduce per buffer, whatever XLA's
     combiner would make of many small ones. For the small payloads of a compression
-    round, and the small dense leaves beside them; a large dense gradient alone is
-    better left to :func:`pmean`, which needs no copy.
-
-    ``with_buffers=True`` returns ``(means, buffers)``: also the averaged flat buffers
-    the means are cut from (the leaves themselves without an axis), e.g. to check a
-    whole model's values with one reduction per buffer.
+    round. Each leaf is cut back out of the buffer, one distinct kernel per leaf (which
+    XLA:CPU compiles one by one), so many leaves of the same shape are better left to
+    :func:`pmean`, whose operands XLA combines and which needs no copy.
     """
     if axis_name is None:
-        return (tree, jax.tree.leaves(tree)) if with_buffers else tree
+        return tree
     n = axis_size(axis_name)
-    out, flats = _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
-                         / jnp.asarray(n, flat.dtype))
-    return (out, flats) if with_buffers else out
+    return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
+                   / jnp.asarray(n, flat.dtype))[0]
 
 
 def all_gather_packed(tree: Any, axis_name: AxisName) -> Any:

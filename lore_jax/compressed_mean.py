@@ -11,8 +11,9 @@ the ``N`` payloads and averages them. Either way the output is identical on ever
 
 Matrix compressors with ``groups`` (PowerSGD, random projection, greedy SVD) take the
 middle three arrows for the whole model at once (``_send_grouped``): same-shape matrices
-stacked, each collective round packed into one buffer, so a step's collectives do not
-grow with the number of leaves. The others take them leaf by leaf (``_send_leaf``).
+stacked, each collective round packed into one buffer and the dense leaves in one
+``psum``, so a step's collectives do not grow with the number of leaves. The others take
+them leaf by leaf (``_send_leaf``).
 """
 
 from __future__ import annotations
@@ -289,15 +290,13 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
 
 
 def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName
-                ) -> tuple[list, list, list, list, int, list]:
+                ) -> tuple[list, list, list, int]:
     """Compress -> collective -> decompress for every group at once, each round (inner
-    ones included) in one packed collective; the dense pieces travel with the payloads
-    (linear compressors) or in one packed mean of their own.
+    ones included) in one packed collective (:func:`lore_jax.collectives.pmean_packed`:
+    one buffer, so one op however many groups).
 
-    Returns ``(c_local, c_bar, states, dense_bar, bits, buffers)``: per group the local
-    and mean reconstructions and the new stacked states, the dense pieces' means, the
-    bits the groups' payloads took, and the averaged flat buffers the dense means were
-    cut from.
+    Returns ``(c_local, c_bar, states, bits)``: per group the local and mean
+    reconstructions and the new stacked states, and the bits the groups' payloads took.
     """
     groups = compressor.groups
 
@@ -308,8 +307,7 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
     states = st.states
     if compressor.linear:
-        (mean_payloads, dense_bar), buffers = collectives.pmean_packed(
-            (payloads, st.dense), axis_name, with_buffers=True)
+        mean_payloads = mean(payloads)
         c_bar = [groups.decompress(p, sh) for p, sh in zip(mean_payloads, shared, strict=True)]
         if groups.next_state is not None:
             states = [s_ if s_ is None else groups.next_state(s_, mp)
@@ -318,9 +316,8 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
         gathered = collectives.all_gather_packed(payloads, axis_name)
         c_bar = [jnp.mean(jax.vmap(lambda p, sh=sh: groups.decompress(p, sh))(g), axis=0)
                  for g, sh in zip(gathered, shared, strict=True)]
-        dense_bar, buffers = collectives.pmean_packed(st.dense, axis_name, with_buffers=True)
     bits = sum(m.shape[0] * groups.bits(m.shape[-2], m.shape[-1]) for m in st.ms)
-    return c_local, c_bar, states, dense_bar, bits, buffers
+    return c_local, c_bar, states, bits
 
 
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
@@ -333,23 +330,25 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
     (:class:`~lore_jax.compressors.base.MatrixGroups`) and every round carries all
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
-    (``groups.communicate``: GreedyLore's phases) and the dense pieces take one packed
-    mean.
+    (``groups.communicate``: GreedyLore's phases). The dense pieces take one ``psum`` of
+    many operands, which XLA's all-reduce combiner merges into a round's op (the HLO
+    tests and ``benchmarks/collectives.py`` count them). Unlike a packed buffer, it
+    leaves each piece's mean in a buffer of its own: cutting pieces back out of a packed
+    buffer takes one distinct kernel each, and XLA:CPU compiles every distinct kernel
+    (about 10 ms each), where same-shape pieces share theirs.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
-    the bits of their payloads, and the arrays every leaf's ``c_bar`` is cut from: per
-    group its ``(k, a, b)`` mean stack, then the averaged flat buffers of the dense
-    pieces (:func:`lore_jax.collectives.pmean_packed`).
+    the bits of their payloads, and the arrays every leaf's ``c_bar`` is cut from or is:
+    per group its ``(k, a, b)`` mean stack, then the dense pieces' means.
     """
     groups = compressor.groups
     st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
     if groups.communicate is not None:
         c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
-        dense_bar, buffers = collectives.pmean_packed(st.dense, axis_name, with_buffers=True)
     else:
-        c_local, c_bar, states, dense_bar, bits, buffers = _round_trip(compressor, st,
-                                                                       axis_name)
+        c_local, c_bar, states, bits = _round_trip(compressor, st, axis_name)
+    dense_bar = collectives.pmean(st.dense, axis_name)
     where = {g: n for n, g in enumerate(st.order)}
 
     def piece_out(i, j, slot):
@@ -365,7 +364,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
         parts = [piece_out(i, j, slot) for j, slot in enumerate(st.slots[i])]
         loc, bar, nbits = (list(r) for r in zip(*parts, strict=True))
         out.append((_unpieces(loc, leaf.view), _unpieces(bar, leaf.view), nbits))
-    return out, tuple(states), bits, list(c_bar) + list(buffers)
+    return out, tuple(states), bits, list(c_bar) + list(dense_bar)
 
 
 def _check_state_fits(updates: Any, state: CompressedMeanState, init_fn: Any,
@@ -503,12 +502,13 @@ def compressed_mean(
     ``compressor.groups`` (every low-rank compressor of lore_jax), the whole model is
     compressed at once: same-shape matrices are stacked (``batch_by_shape``) so that one
     batched matmul / QR / SVD serves each shape, and each collective round, PowerSGD's
-    inner one included, packs every matrix's payload and the dense leaves into one
-    all-reduce (all-gather for greedy SVD), so the collectives per step do not grow with
-    the number of leaves. The keys, states and results are those of compressing one
-    matrix at a time. ``batch_by_shape=False`` keeps the packed rounds but computes
-    matrix by matrix, which avoids stacking copies (faster on simulated CPU devices in
-    ``benchmarks/collectives.py``).
+    inner one included, packs every matrix's payload into one all-reduce (all-gather for
+    greedy SVD); the dense leaves take one ``psum``, which XLA merges into a round's
+    all-reduce. The collectives per step do not grow with the number of leaves. The
+    keys, states and results are those of compressing one matrix at a time.
+    ``batch_by_shape=False`` keeps the packed rounds but computes matrix by matrix,
+    which avoids stacking copies (a faster step on simulated CPU devices in
+    ``benchmarks/collectives.py``, a slower compile).
 
     Model-sharded parameters: each device compresses the shard it holds and only
     ``axis_name`` is communicated; compressor states and trackers of a shard vary over
@@ -577,8 +577,8 @@ def compressed_mean(
 
 
 def _checked_outputs(mode: ef.ErrorFeedback, outs: list, witness: list | None) -> list:
-    """The arrays to check for the output's finiteness: the per-group stacks and dense
-    buffers every output leaf is cut from (``witness``, from :func:`_send_grouped`), where
+    """The arrays to check for the output's finiteness: the per-group stacks every output
+    leaf is cut from and the dense means (``witness``, from :func:`_send_grouped`), where
     the output is such a cut in float32; the outputs themselves otherwise (leaf
     compressors; EF21, whose output adds the tracker; narrower dtypes, where the cast
     can overflow). A model's few stacks compile to a few reductions, its leaves to one

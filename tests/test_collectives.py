@@ -64,29 +64,3 @@ def test_packed_collectives_are_one_op_per_dtype_and_equal_numpy(mesh, name):
                                                                      lead + (26,)]
 
 
-def test_pmean_packed_returns_the_buffers_its_means_are_cut_from(mesh):
-    rng = np.random.default_rng(2)
-    xs = [rng.standard_normal((N,) + s).astype(np.float32) for s in [(3, 4), (5,), ()]]
-    xs.append(rng.standard_normal((N, 6)).astype(np.float32).astype(jnp.bfloat16))
-
-    def body(*leaves):
-        means, buffers = collectives.pmean_packed([x[0] for x in leaves], "data",
-                                                  with_buffers=True)
-        return tuple(means), tuple(buffers)
-
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(P("data") for _ in xs),
-                                 out_specs=P()))
-    means, buffers = step(*put(xs, mesh))
-    # One buffer per dtype, in order of first appearance: float32 (12 + 5 + 1), bfloat16.
-    assert [(b.dtype, b.shape) for b in buffers] == [(jnp.float32, (18,)),
-                                                     (jnp.bfloat16, (6,))]
-    want = np.concatenate([np.mean(x, axis=0).ravel() for x in xs[:3]])
-    np.testing.assert_allclose(buffers[0], want, rtol=1e-6, atol=1e-6)
-    for m, x in zip(means, xs, strict=True):
-        np.testing.assert_allclose(np.asarray(m, np.float32),
-                                   np.mean(np.asarray(x, np.float32), axis=0), rtol=1e-2,
-                                   atol=1e-2)
-    # Without an axis the means are the leaves and so are the buffers.
-    tree = [jnp.ones(2), jnp.zeros(())]
-    out, bufs = collectives.pmean_packed(tree, None, with_buffers=True)
-    assert out is tree and len(bufs) == 2
