@@ -245,27 +245,42 @@ class _Stacks(NamedTuple):
     dense: list[jax.Array]          # the pieces sent dense, in order
 
 
-def _grouping(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
-              xs: list[Any], axis_name: collectives.AxisName, by_shape: bool) -> tuple:
-    """Every leaf cut into its matrices and routed (:func:`_route`), with each matrix's
-    key: ``(pieces, slots, members, dense, keys)``, the last per leaf and matrix."""
+def _grouping(groups: MatrixGroups, plans: list[_Leaf], xs: list[Any],
+              axis_name: collectives.AxisName, by_shape: bool) -> tuple:
+    """Every leaf cut into its matrices and routed (:func:`_route`):
+    ``(pieces, slots, members, dense)``."""
     pieces = [_pieces(x, leaf.view) for leaf, x in zip(plans, xs, strict=True)]
-    slots, members, dense = _route(groups, plans, pieces, axis_name, by_shape)
-    pkeys = [_matrix_keys(k, leaf.view) for k, leaf in zip(keys, plans, strict=True)]
-    return pieces, slots, members, dense, pkeys
+    return (pieces, *_route(groups, plans, pieces, axis_name, by_shape))
 
 
-def _stack_groups(groups: MatrixGroups, plans: list[_Leaf], keys: list[jax.Array],
+def _group_keys(base: jax.Array, plans: list[_Leaf], members: dict, order: list
+                ) -> list[jax.Array]:
+    """Per group, the ``(k, 2)`` keys of its matrices in stack order, those of
+    :func:`_matrix_keys` with the leaf keys ``fold_in(base, i)``, drawn for the whole
+    model in one vectorized ``fold_in`` (two where a leaf holds several matrices): one
+    ``fold_in`` per leaf compiles to one threefry loop per leaf."""
+    pairs = [pair for g in order for pair in members[g]]
+    leaf_ids, piece_ids = (np.array(c, np.uint32) for c in zip(*pairs, strict=True))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base, leaf_ids)
+    several = np.array([plans[i].view.batch > 1 for i, _ in pairs])
+    if several.any():
+        keys = jnp.where(several[:, None], jax.vmap(jax.random.fold_in)(keys, piece_ids),
+                         keys)
+    ends = np.cumsum([len(members[g]) for g in order])
+    return [keys[e - len(members[g]):e] for g, e in zip(order, ends, strict=True)]
+
+
+def _stack_groups(groups: MatrixGroups, plans: list[_Leaf], base: jax.Array,
                   xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   by_shape: bool) -> _Stacks:
     """Cuts every leaf into its matrices and stacks the same-shape ones (:func:`_route`);
-    ``states`` are the groups' (stacked, in group order)."""
-    pieces, slots, members, dense, pkeys = _grouping(groups, plans, keys, xs, axis_name,
-                                                     by_shape)
+    ``base`` is the step's key for the compressor (:func:`_step_bases`), ``states`` are
+    the groups' (stacked, in group order)."""
+    pieces, slots, members, dense = _grouping(groups, plans, xs, axis_name, by_shape)
     order = list(members)
     return _Stacks(
         pieces, slots, order,
-        keys=[jnp.stack([pkeys[i][j] for i, j in members[g]]) for g in order],
+        keys=_group_keys(base, plans, members, order) if order else [],
         ms=[jnp.stack([subspace.orient(pieces[i][j], slots[i][j].view)
                        for i, j in members[g]]) for g in order],
         states=list(states), dense=[pieces[i][j] for i, j in dense])
@@ -276,9 +291,9 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
     """The groups' compressor states, each the stack of its matrices' ``init`` (each
     matrix's key as when compressed one at a time), in group order; a state varies over
     the mesh axes its group's shards do."""
-    keys = [jax.random.fold_in(key, i) for i in range(len(plans))]
-    pieces, _, members, _, pkeys = _grouping(compressor.groups, plans, keys, leaves,
-                                             axis_name, by_shape)
+    pkeys = [_matrix_keys(jax.random.fold_in(key, i), leaf.view)
+             for i, leaf in enumerate(plans)]
+    pieces, _, members, _ = _grouping(compressor.groups, plans, leaves, axis_name, by_shape)
 
     def group_state(pairs):
         state = _stack([compressor.init(pkeys[i][j], pieces[i][j].shape, pieces[i][j].dtype)
@@ -320,7 +335,7 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     return c_local, c_bar, states, bits
 
 
-def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
+def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
                   xs: list[jax.Array], states: tuple, axis_name: collectives.AxisName,
                   count: jax.Array, by_shape: bool = True
                   ) -> tuple[list[tuple[jax.Array, jax.Array, list]], tuple, int | jax.Array,
@@ -343,7 +358,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Arr
     per group its ``(k, a, b)`` mean stack, then the dense pieces' means.
     """
     groups = compressor.groups
-    st = _stack_groups(groups, plans, keys, xs, states, axis_name, by_shape)
+    st = _stack_groups(groups, plans, base, xs, states, axis_name, by_shape)
     if groups.communicate is not None:
         c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
     else:
@@ -628,19 +643,17 @@ def _error_feedback_in(mode: ef.ErrorFeedback, leaves: list[jax.Array], treedef:
     return _Step(errors, trackers, inputs)
 
 
-def _step_keys(state: CompressedMeanState, plans: list[_Leaf],
-               axis_name: collectives.AxisName) -> list[jax.Array]:
-    """Each leaf's key for this step: the shared one for linear compressors, the
-    device's own for the others, each folded with the leaf's position."""
+def _step_bases(state: CompressedMeanState, axis_name: collectives.AxisName
+                ) -> tuple[jax.Array, jax.Array]:
+    """This step's two keys: the shared one (linear compressors) and the device's own
+    (the others); leaf ``i``'s key folds ``i`` into its compressor's."""
     step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.count)
-    shared_key = jax.random.fold_in(step_key, 0)
     device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-    local_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
-    return [jax.random.fold_in(shared_key if leaf.compressor.linear else local_key, i)
-            for i, leaf in enumerate(plans)]
+    return (jax.random.fold_in(step_key, 0),
+            jax.random.fold_in(jax.random.fold_in(step_key, 1), device))
 
 
-def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
+def _send(compressor: Compressor, plans: list[_Leaf], bases: tuple[jax.Array, jax.Array],
           leaves: list[jax.Array], step: _Step, cstate: Any, cstate_def: Any,
           axis_name: collectives.AxisName, count: jax.Array, batch_by_shape: bool
           ) -> tuple[list[tuple[jax.Array, jax.Array, list]], Any, list, list | None]:
@@ -655,11 +668,14 @@ def _send(compressor: Compressor, plans: list[_Leaf], keys: list[jax.Array],
     sends = [x if full and _in_groups(compressor, leaf) else x.astype(g.dtype)
              for x, g, leaf in zip(step.inputs, leaves, plans, strict=True)]
     if groups is None:
+        keys = [jax.random.fold_in(bases[0] if leaf.compressor.linear else bases[1], i)
+                for i, leaf in enumerate(plans)]
         sent = [_send_leaf(leaf, k, x, cs, axis_name) for leaf, k, x, cs in
                 zip(plans, keys, sends, cstate_def.flatten_up_to(cstate), strict=True)]
         return ([(loc, bar, n) for loc, bar, _, n in sent],
                 cstate_def.unflatten([cs for _, _, cs, _ in sent]), [], None)
-    sent, states, bits, witness = _send_grouped(compressor, plans, keys, sends, cstate,
+    base = bases[0] if compressor.linear else bases[1]
+    sent, states, bits, witness = _send_grouped(compressor, plans, base, sends, cstate,
                                                 axis_name, count, batch_by_shape)
     return sent, states, [bits], witness
 
@@ -777,7 +793,7 @@ def pipeline(
         leaves, treedef = jax.tree.flatten(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
         sent, cstate, group_bits, witness = _send(
-            compressor, plans, _step_keys(state, plans, axis_name), leaves, step,
+            compressor, plans, _step_bases(state, axis_name), leaves, step,
             state.compressor_state, _state_structure(updates), axis_name, state.count,
             batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)

@@ -235,6 +235,29 @@ def test_one_round_compressors_of_many_leaves_send_one_collective(mesh, comp, op
         np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-5)
 
 
+def test_random_projection_keys_each_matrix_as_when_sent_alone(mesh):
+    """A stack mixing a leaf of 3 matrices with a lone matrix of the same shape: matrix
+    ``j`` of leaf ``i`` is projected with ``fold_in(fold_in(shared, i), j)``, a lone
+    matrix with ``fold_in(shared, i)``, whatever the stack they are drawn for."""
+    comp = C.random_projection(2)
+    params = {"layers": jnp.zeros((3, 8, 24)), "w": jnp.zeros((8, 24))}
+    dims = {"layers": lore_jax.DimensionNumbers(reduction_axis=1, output_axis=2),
+            "w": lore_jax.DimensionNumbers(reduction_axis=0, output_axis=1)}
+    _, state, step = setup(comp, mesh, params, weight_dimension_numbers=dims)
+    assert [s for s in state.compressor_state] == [None]   # one stateless group of 4
+    g = device_grads(3, params)
+    out, _ = step(put(g, mesh), state)
+    shared = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.key, 1), 0), 0)
+    mean = {k: jnp.asarray(v.mean(0)) for k, v in g.items()}
+    for j in range(3):
+        key = jax.random.fold_in(jax.random.fold_in(shared, 0), j)
+        np.testing.assert_allclose(out["layers"][j],
+                                   comp.decompress(*comp.compress(key, mean["layers"][j])),
+                                   rtol=1e-4, atol=1e-5)
+    want = comp.decompress(*comp.compress(jax.random.fold_in(shared, 1), mean["w"]))
+    np.testing.assert_allclose(out["w"], want, rtol=1e-4, atol=1e-5)
+
+
 def test_shared_seed_random_k_is_unbiased_across_devices(mesh):
     k, steps = 16, 2000
     tx = compressed_mean(C.random_k(k, shared_seed=True), axis_name="data",
