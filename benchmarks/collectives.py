@@ -13,7 +13,7 @@ leaves of many shapes), and for dense, PowerSGD (batched by shape, and with
 * the compile time (lowering plus XLA) of the **training step** (forward, backward, the
   transform and Adam, as :func:`benchmarks.common.plain_train_step` builds it) and of the
   update step alone, each relative to dense's; each the best of ``--compiles`` compiles
-  from cold caches;
+  from cold caches, and the training step's against dense's compiled right after it;
 * the steady-state time of both steps relative to dense (GreedyLore: a compressed step);
 * GreedyLore's first step (an exact SVD refresh) on the 8 devices and on one device,
   against NumPy's single-threaded SVD of the same matrices (the same reduced
@@ -166,17 +166,24 @@ def measure_update(name: str, tx, params, mesh, repeats: int, compiles: int = 1
     return row
 
 
-def measure_training(tx, model: Model, apply_fn, params, mesh, repeats: int,
-                     compiles: int = 1) -> dict[str, float]:
-    """The whole training step (forward, backward, ``tx`` then Adam): compile time (best
-    of ``compiles``) and steady step time."""
+def training_step(tx, model: Model, apply_fn, params, mesh) -> tuple[Callable, tuple]:
+    """The whole training step (forward, backward, ``tx`` then Adam), jitted, and its
+    inputs ``(params, state, x, y)``."""
     tx = optax.chain(tx, optax.adam(1e-3))
     state = lore_jax.sharded_init(tx, params, mesh, AXIS)
     step = common.plain_train_step(apply_fn, model.kind, tx, mesh,
                                    common.abstract_state(tx, params, mesh)[1])
     batch = [jax.device_put(v, NamedSharding(mesh, P(AXIS))) for v in (model.x, model.y)]
-    compiled, compile_s = _compile(step, (params, state, *batch), compiles)
-    _, step_s = _first_and_steady(compiled, (params, state, *batch), 1, repeats)
+    return step, (params, state, *batch)
+
+
+def measure_training(tx, model: Model, apply_fn, params, mesh, repeats: int,
+                     compiles: int = 1) -> dict[str, float]:
+    """The training step (:func:`training_step`): compile time (best of ``compiles``) and
+    steady step time."""
+    step, args = training_step(tx, model, apply_fn, params, mesh)
+    compiled, compile_s = _compile(step, args, compiles)
+    _, step_s = _first_and_steady(compiled, args, 1, repeats)
     return {"train_compile_s": compile_s, "train_step_s": step_s}
 
 
@@ -203,20 +210,31 @@ def numpy_svd_seconds(params) -> float:
 def measure_model(model: Model, rank: int, mesh, repeats: int,
                   methods: list[str], compiles: int = 1) -> dict[str, Any]:
     """The rows of dense and ``methods`` on ``model``, with the multiples of dense's
-    figures (compile times: the best of ``compiles``)."""
+    figures (compile times: the best of ``compiles``).
+
+    This machine's compile speed drifts by tens of percent over minutes, so each
+    method's training step is judged against dense's compiled again right after it
+    (``dense_train_compile_s``), not against dense's first row.
+    """
     apply_fn, params = models.create(model.factory)
     params = jax.device_put(params, NamedSharding(mesh, P()))
+    txs = transforms(rank)
     rows = []
-    for name, tx in transforms(rank).items():
+    for name, tx in txs.items():
         if name != "dense" and name not in methods:
             continue
         row = measure_update(name, tx, params, mesh, repeats, compiles)
         row.update(measure_training(tx, model, apply_fn, params, mesh, repeats, compiles))
+        if name != "dense":
+            row["dense_train_compile_s"] = _compile(
+                *training_step(txs["dense"], model, apply_fn, params, mesh), compiles)[1]
         rows.append(row)
     dense = rows[0]
     for r in rows:
-        for key in ("compile_s", "step_s", "train_compile_s", "train_step_s"):
+        for key in ("compile_s", "step_s", "train_step_s"):
             r[key[:-2] + "_vs_dense"] = r[key] / dense[key]
+        r["train_compile_vs_dense"] = r["train_compile_s"] / r.get(
+            "dense_train_compile_s", dense["train_compile_s"])
     leaves = jax.tree.leaves(params)
     out = {"leaves": len(leaves), "shapes": len({x.shape for x in leaves}),
            "numpy_svd_s": numpy_svd_seconds(params), "rows": rows}
