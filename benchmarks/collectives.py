@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               r["train_compile_s"], r["train_compile_vs_dense"], 1e3 * r["train_step_s"],
               r["train_step_vs_dense"], r["compile_s"], r["compile_vs_dense"],
               1e3 * r["step_s"], r["step_vs_dense"], r["first_step_s"]] for r in m["rows"]],
-            note=_refresh_note(m)))
+            note=_refresh_note(m) + "\n\n" + _dense_note(m)))
         print(md[-1])
     md.append("\n".join(f"- {c['target']}: {c['value']}: {'MET' if c['met'] else 'NOT MET'}"
                         for c in payload["checks"]) + "\n")
@@ -317,6 +317,12 @@ def _refresh_note(m: dict[str, Any]) -> str:
         return svd
     return f"GreedyLore's first step (refresh) on one device: " \
            f"{m['refresh_one_device_s']:.3f} s; {svd}"
+
+
+def _dense_note(m: dict[str, Any]) -> str:
+    after = ", ".join(f"{r['method']} {r['dense_train_compile_s']:.3g} s" for r in m["rows"][1:])
+    return ("The train compile's x dense divides by dense's training step compiled right "
+            f"after each method's: {after}")
 
 
 def _ops(counts: dict[str, int]) -> str:
