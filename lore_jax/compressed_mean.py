@@ -748,7 +748,8 @@ def pipeline(
     """The data flow every lore_jax compressing transform runs, one named phase per
     arrow: :func:`_error_feedback_in` -> :func:`_send` (compress -> collective ->
     decompress) -> :func:`_error_feedback_out` -> :func:`_next_state` (the non-finite
-    rule and the bit counts). :func:`compressed_mean` documents the arguments;
+    rule and the bit counts); the grouped path hands its outputs over in buffers of
+    their own (:func:`_own_buffers`). :func:`compressed_mean` documents the arguments;
     ``transform`` names the public transform in error messages (``"greedylore"`` runs
     its compressor through this same pipeline)."""
     mode = ef.validate(error_feedback)
