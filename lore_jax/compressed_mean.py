@@ -239,7 +239,7 @@ class _Stacks(NamedTuple):
     pieces: list[list[jax.Array]]   # per leaf, the arrays it is sent as
     slots: list[list[_Slot]]        # per leaf, where each piece went
     order: list[Hashable]           # the groups, in stack order
-    keys: list[jax.Array]           # per group, (k,) per-matrix keys
+    keys: list[jax.Array]           # per group, (k, 2) per-matrix keys
     ms: list[jax.Array]             # per group, (k, a, b) float32
     states: list[Any]               # per group, its stacked state (or None)
     dense: list[jax.Array]          # the pieces sent dense, in order
