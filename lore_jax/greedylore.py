@@ -323,7 +323,7 @@ class _Tracked(NamedTuple):
 
     basis: list[jax.Array]           # (k, a, a): [T, completion]
     q_hat: list[jax.Array]           # (k, b, r): the orthonormalised factor
-    in_span: list[jax.Array]         # (k, a): ||u_j^T Hbar Q_hat||^2, exact
+    in_span: list[jax.Array]         # (k, a), range: (k, c): ||u_j^T Y||^2, exact
     lams: list[jax.Array] | None     # power + shared probes: (p, k, a) averaged scores
     columns: list[jax.Array] | None = None   # range: (k, b, r + p), W = [Q_hat, v']
     local: list[jax.Array] | None = None     # range: (k, a, r + p), H_i W
@@ -352,10 +352,8 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
         return _ritz_basis(means, basis, q_hats)._replace(columns=ws, local=sends, mean=means)
     ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
-    def tracked(y, u_prev):
-        return subspace.complete_basis(subspace.orthonormal_columns(y), u_prev)
-
-    basis = [subspace.per_matrix(tracked, y, u) for y, u in zip(ys, basis, strict=True)]
+    basis = [subspace.complete_basis(subspace.per_matrix(subspace.orthonormal_columns, y), u)
+             for y, u in zip(ys, basis, strict=True)]
     in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ y), axis=-1)
                for u, y in zip(basis, ys, strict=True)]
     lams = None
@@ -366,18 +364,35 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
 
 
 def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -> _Tracked:
-    """Range tracking: ``Y = Hbar [Q_hat, v']`` (``a x (r + p)``, already averaged); its left
-    singular vectors (Ritz vectors, in order of ``sigma_j``) lead the basis, completed by
-    the old one; their scores are their exact energies in ``span([Q_hat, v'])``,
-    ``sigma_j^2``, and the completion's are zero."""
-    def ritz(y, u_prev):
-        left = jnp.linalg.svd(y, full_matrices=False)[0]
-        return subspace.complete_basis(left, u_prev)
+    """Range tracking: ``Y = Hbar [Q_hat, v']`` (``a x (r + p)``, already averaged); its
+    ``c = min(a, r + p)`` left singular vectors (Ritz vectors, in order of ``sigma_j``)
+    lead the basis, completed by the old one. Their scores ``(k, c)`` are their exact
+    energies in ``span([Q_hat, v'])``, ``||u_j^T Y||^2 = sigma_j^2``; the completion's
+    are zero, so they alone are candidates (:func:`_candidates`)."""
+    def ritz_vectors(y):
+        return jnp.linalg.svd(y, full_matrices=False)[0]
 
-    new = [subspace.per_matrix(ritz, m, u) for m, u in zip(means, basis, strict=True)]
-    in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ m), axis=-1)
+    new = [subspace.complete_basis(subspace.per_matrix(ritz_vectors, m), u)
+           for m, u in zip(means, basis, strict=True)]
+    in_span = [jnp.sum(jnp.square(jnp.swapaxes(_ritz_columns(u, m), -1, -2) @ m), axis=-1)
                for u, m in zip(new, means, strict=True)]
     return _Tracked(new, q_hats, in_span, None)
+
+
+def _ritz_columns(u: jax.Array, y: jax.Array) -> jax.Array:
+    """The leading ``c = min(a, r + p)`` columns of the basis ``u`` ``(k, a, a)``: the Ritz
+    vectors of ``Y`` ``(k, a, r + p)`` after a range-tracking round."""
+    return u[..., :min(u.shape[-1], y.shape[-1])]
+
+
+def _candidates(basis: list[jax.Array], tracked: _Tracked | None) -> list[jax.Array]:
+    """Per group the columns the selection runs over, ``(k, a, n)``: after a
+    range-tracking round its ``n = c`` Ritz vectors (the completion scores zero, and
+    sending or reconstructing from the whole ``a x a`` basis would cost ``O(a^2 b)`` per
+    matrix for rows that are never chosen); the whole basis (``n = a``) otherwise."""
+    if tracked is None or tracked.columns is None:
+        return basis
+    return [_ritz_columns(u, y) for u, y in zip(basis, tracked.mean, strict=True)]
 
 
 def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
@@ -416,7 +431,8 @@ def _scores(cfg: _Config, xs: list[jax.Array], basis: list, key: jax.Array,
 
 def _select(cfg: _Config, group: _Group, score: jax.Array) -> jax.Array:
     """``J = top_r(score)``: ``(k, r)`` directions per matrix, or with
-    ``allocation="group"`` ``(k r,)`` flat indices ``m a + j`` over the whole group."""
+    ``allocation="group"`` ``(k r,)`` flat indices ``m n + j`` over the whole group's
+    ``(k, n)`` candidates' scores (:func:`_candidates`)."""
     if cfg.allocation == "matrix":
         return subspace.greedy_select(score, group.rank)
     return subspace.greedy_select(score.reshape(-1), group.k * group.rank)
@@ -433,17 +449,25 @@ def _payload(cfg: _Config, u: jax.Array, x: jax.Array, z: jax.Array | None,
 
 
 def _scatter_rows(u: jax.Array, r: jax.Array, sel: jax.Array) -> jax.Array:
-    """``(k a, b)``: the rows ``r`` at the flat indices ``sel``, zero elsewhere."""
-    k, a = u.shape[0], u.shape[-1]
-    return jnp.zeros((k * a, r.shape[-1]), r.dtype).at[sel].set(r, mode="drop")
+    """``(k n, b)``: the rows ``r`` at the flat indices ``sel`` over the ``n`` candidate
+    columns of ``u`` ``(k, a, n)``, zero elsewhere."""
+    k, n = u.shape[0], u.shape[-1]
+    return jnp.zeros((k * n, r.shape[-1]), r.dtype).at[sel].set(r, mode="drop")
+
+
+def _factors(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """``(P, S)`` with ``P S = U[:, J] R``: ``(k, a, r)`` and ``(k, r, b)``, or with group
+    allocation the candidates ``U`` ``(k, a, n)`` and the rows sent, zero elsewhere,
+    ``(k, n, b)``."""
+    if cfg.allocation == "matrix":
+        return subspace.take_columns(u, sel), r
+    return u, _scatter_rows(u, r, sel).reshape(u.shape[0], u.shape[-1], r.shape[-1])
 
 
 def _reconstruct(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array) -> jax.Array:
     """``U[:, J] R``: ``(k, a, b)``."""
-    if cfg.allocation == "matrix":
-        return subspace.reconstruct(subspace.take_columns(u, sel), r)
-    zsel = _scatter_rows(u, r, sel).reshape(u.shape[0], u.shape[-1], r.shape[-1])
-    return subspace.reconstruct(u, zsel)   # U Zsel: the unsent rows of Zsel are zero
+    return subspace.reconstruct(*_factors(cfg, u, r, sel))
 
 
 def _pseudo_inverse(w: jax.Array) -> jax.Array:
@@ -457,12 +481,16 @@ def _pseudo_inverse(w: jax.Array) -> jax.Array:
     return subspace.per_matrix(jnp.linalg.solve, gram, wt)
 
 
-def _with_columns(c: jax.Array, y: jax.Array, w: jax.Array, w_pinv: jax.Array) -> jax.Array:
-    """Range tracking's output ``U_J R + (I - U_J U_J^T) H P_W`` ``(k, a, b)``, from ``c =
-    U_J R`` (``R = U_J^T H``): the rows sent, plus the part of ``H``'s projection onto
-    ``span(W)`` that they miss, known exactly from the tracking round ``Y = H W``. In the
-    code's form, ``c - c P_W + Y W^+`` with ``P_W = W W^+`` (``w_pinv``: ``W^+``)."""
-    return c - (c @ w) @ w_pinv + y @ w_pinv
+def _with_columns(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array, y: jax.Array,
+                  w: jax.Array, w_pinv: jax.Array) -> jax.Array:
+    """Range tracking's output ``U_J R + (I - U_J U_J^T) H P_W`` ``(k, a, b)`` (``R = U_J^T
+    H``): the rows sent, plus the part of ``H``'s projection onto ``span(W)`` that they
+    miss, known exactly from the tracking round ``Y = H W``. With ``P_W = W W^+``
+    (``w_pinv``: ``W^+``) and ``U_J R = P S`` (:func:`_factors`) it is ``P S - P S P_W + Y
+    W^+ = [P, Y] [S - (S W) W^+; W^+]``: one product of ``a x b`` size, not four."""
+    p, s_ = _factors(cfg, u, r, sel)
+    rows = jnp.concatenate([s_ - (s_ @ w) @ w_pinv, w_pinv], axis=-2)
+    return jnp.concatenate([p, y], axis=-1) @ rows
 
 
 def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
@@ -472,10 +500,10 @@ def _next_factor(cfg: _Config, group: _Group, u: jax.Array, r_bar: jax.Array,
     ``r`` best-scored directions, and the previous column where such a row was not sent."""
     if cfg.allocation == "matrix":
         return jnp.swapaxes(r_bar, -1, -2)
-    k, a = group.k, group.a
-    best = subspace.greedy_select(score, group.rank) + (jnp.arange(k) * a)[:, None]  # (k, r)
+    k, n = group.k, u.shape[-1]
+    best = subspace.greedy_select(score, group.rank) + (jnp.arange(k) * n)[:, None]  # (k, r)
     rows = _scatter_rows(u, r_bar, sel)[best]                                      # (k, r, b)
-    sent = jnp.zeros((k * a,), bool).at[sel].set(True, mode="drop")[best]
+    sent = jnp.zeros((k * n,), bool).at[sel].set(True, mode="drop")[best]
     return jnp.swapaxes(jnp.where(sent[..., None], rows, jnp.swapaxes(q_prev, -1, -2)), -1, -2)
 
 
@@ -490,21 +518,23 @@ def _compressed_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array],
     """
     tracked = _track_basis(cfg, xs, basis, factor, key) if track else None
     basis = tracked.basis if tracked is not None else list(basis)
-    scores, zs = _scores(cfg, xs, basis, key, tracked)
+    cands = _candidates(basis, tracked)
+    scores, zs = _scores(cfg, xs, cands, key, tracked)
     sels = [_select(cfg, g, s_) for g, s_ in zip(groups, scores, strict=True)]
-    rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(basis, xs, zs, sels, strict=True)]
-    c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, rs, sels, strict=True)]
+    rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(cands, xs, zs, sels, strict=True)]
     r_bar = collectives.pmean(rs, cfg.axis_name)
-    c_bar = [_reconstruct(cfg, u, r, j) for u, r, j in zip(basis, r_bar, sels, strict=True)]
     if tracked is not None and tracked.columns is not None:   # range: nothing sent is lost
         pinvs = [_pseudo_inverse(w) for w in tracked.columns]
-        c_local = [_with_columns(c, y, w, p) for c, y, w, p in
-                   zip(c_local, tracked.local, tracked.columns, pinvs, strict=True)]
-        c_bar = [_with_columns(c, y, w, p) for c, y, w, p in
-                 zip(c_bar, tracked.mean, tracked.columns, pinvs, strict=True)]
+        c_local = [_with_columns(cfg, u, r, j, y, w, p) for u, r, j, y, w, p in zip(
+            cands, rs, sels, tracked.local, tracked.columns, pinvs, strict=True)]
+        c_bar = [_with_columns(cfg, u, r, j, y, w, p) for u, r, j, y, w, p in zip(
+            cands, r_bar, sels, tracked.mean, tracked.columns, pinvs, strict=True)]
+    else:
+        c_local = [_reconstruct(cfg, u, r, j) for u, r, j in zip(cands, rs, sels, strict=True)]
+        c_bar = [_reconstruct(cfg, u, r, j) for u, r, j in zip(cands, r_bar, sels, strict=True)]
     if cfg.tracking != "off":
         factor = tuple(_next_factor(cfg, g, u, r, j, s_, q) for g, u, r, j, s_, q in zip(
-            groups, basis, r_bar, sels, scores, factor, strict=True))
+            groups, cands, r_bar, sels, scores, factor, strict=True))
     return _Phase(c_local, c_bar, tuple(basis), factor)
 
 
