@@ -112,13 +112,21 @@ def _t(m: jax.Array) -> jax.Array:
     return jnp.swapaxes(m, -1, -2)
 
 
+def _transposed_factors(ms: list[jax.Array], p_hats: list[jax.Array]) -> list[jax.Array]:
+    """``Q_i^T = P_hat^T M_i``, ``(k, r, b)`` per stack: XLA:CPU runs this form about 5x
+    faster than ``Q_i = M_i^T P_hat`` (whose transposed ``a x b`` operand takes a slow
+    path); the values are the same."""
+    return [_t(p) @ m for m, p in zip(ms, p_hats, strict=True)]
+
+
 def powersgd(rank: int, iters: int = 1) -> Compressor:
     """PowerSGD: rank-``r`` power iteration on the mean gradient, warm-started.
 
     With ``M_i`` the oriented ``(a, b)`` matrix on device ``i`` and ``Q`` the replicated
     ``(b, r)`` warm start (the previous step's averaged factor): ``P = mean_i(M_i Q)``
     (all-reduce #1), ``P_hat = orthonormalize(P)``, ``Q_i = M_i^T P_hat`` (the payload,
-    all-reduce #2), reconstruction ``P_hat mean_i(Q_i)^T``. Each extra iteration repeats
+    all-reduce #2, sent as the ``(r, b)`` matrix ``Q_i^T = P_hat^T M_i``), reconstruction
+    ``P_hat mean_i(Q_i)^T``. Each extra iteration repeats
     ``Q = mean_i(M_i^T P_hat)`` and the ``P`` step. The local reconstruction
     ``P_hat Q_i^T = P_hat P_hat^T M_i`` is linear in ``M_i`` for the shared ``P_hat``, so
     error feedback uses it and payloads are all-reduced. It is a projection (never
@@ -165,16 +173,16 @@ def powersgd(rank: int, iters: int = 1) -> Compressor:
         for it in range(iters):
             p_hats = [_orthonormal(p) for p in mean([m @ q for m, q in zip(ms, qs, strict=True)])]
             if it < iters - 1:
-                qs = mean([_t(m) @ p for m, p in zip(ms, p_hats, strict=True)])
-        return [_t(m) @ p for m, p in zip(ms, p_hats, strict=True)], p_hats
+                qs = [_t(q_t) for q_t in mean(_transposed_factors(ms, p_hats))]
+        return _transposed_factors(ms, p_hats), p_hats
 
-    def decompress_group(q, p_hat):
-        return p_hat @ _t(q)
+    def decompress_group(q_t, p_hat):
+        return p_hat @ q_t
 
     return _lowrank(
         f"powersgd(rank={rank}, iters={iters})", "none", True, rank, floats, compress_groups,
         decompress_group, None, init=init,
-        next_state=lambda state, mean_payload: mean_payload,
+        next_state=lambda state, mean_payload: _t(mean_payload),
     )
 
 
