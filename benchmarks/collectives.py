@@ -14,6 +14,10 @@ leaves of many shapes), and for dense, PowerSGD (batched by shape, and with
   transform and Adam, as :func:`benchmarks.common.plain_train_step` builds it) and of the
   update step alone, each relative to dense's; each the best of ``--compiles`` compiles
   from cold caches, and the training step's against dense's compiled right after it;
+* the distinct fused kernels of the compiled training step (:func:`distinct_kernels`):
+  XLA:CPU compiles each distinct kernel once (several ms each) and shares it between
+  same-shape leaves, so this count, unlike the compile time, does not drift with the
+  machine's load, and explains most of the compile time;
 * the steady-state time of both steps relative to dense (GreedyLore: a compressed step);
 * GreedyLore's first step (an exact SVD refresh) on the 8 devices and on one device,
   against NumPy's single-threaded SVD of the same matrices (the same reduced
@@ -38,6 +42,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -100,6 +105,20 @@ def count_collectives(hlo: str, computation: str | None = None) -> Counter:
     """Collective ops of ``hlo`` by kind (in one computation when it is named)."""
     return Counter(c["op"] for c in accounting.hlo_collectives(hlo)
                    if computation is None or c["computation"] == computation)
+
+
+def distinct_kernels(hlo: str) -> int:
+    """The number of different fused computations in the optimized HLO text ``hlo``:
+    those that differ in more than their instructions' names and metadata (XLA:CPU
+    compiles one kernel for each)."""
+    bodies = set()
+    for computation in re.split(r"\n(?=\S)", hlo):
+        header, _, body = computation.partition("\n")
+        if not header.lstrip("%").startswith("fused"):
+            continue
+        body = re.sub(r", metadata=\{[^}]*\}", "", body)
+        bodies.add(re.sub(r"%[\w.\-]+", "%_", body))
+    return len(bodies)
 
 
 def compressed_step_collectives(hlo: str) -> Counter | None:
@@ -179,12 +198,13 @@ def training_step(tx, model: Model, apply_fn, params, mesh) -> tuple[Callable, t
 
 def measure_training(tx, model: Model, apply_fn, params, mesh, repeats: int,
                      compiles: int = 1) -> dict[str, float]:
-    """The training step (:func:`training_step`): compile time (best of ``compiles``) and
-    steady step time."""
+    """The training step (:func:`training_step`): compile time (best of ``compiles``),
+    steady step time and distinct kernels."""
     step, args = training_step(tx, model, apply_fn, params, mesh)
     compiled, compile_s = _compile(step, args, compiles)
     _, step_s = _first_and_steady(compiled, args, 1, repeats)
-    return {"train_compile_s": compile_s, "train_step_s": step_s}
+    return {"train_compile_s": compile_s, "train_step_s": step_s,
+            "train_kernels": distinct_kernels(compiled.as_text())}
 
 
 def refresh_one_device(rank: int, params) -> float:
@@ -296,10 +316,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{model}: {m['leaves']} leaves, {m['shapes']} shapes, rank {args.rank}, "
             f"8 devices",
             ["method", "collectives (all branches)", "on a compressed step",
-             "train compile s", "x dense", "train step ms", "x dense", "update compile s",
-             "x dense", "update step ms", "x dense", "first update s"],
+             "train compile s", "x dense", "train kernels", "train step ms", "x dense",
+             "update compile s", "x dense", "update step ms", "x dense", "first update s"],
             [[r["method"], _ops(r["collectives"]), _ops(r.get("compressed_step", {})) or "-",
-              r["train_compile_s"], r["train_compile_vs_dense"], 1e3 * r["train_step_s"],
+              r["train_compile_s"], r["train_compile_vs_dense"], r["train_kernels"],
+              1e3 * r["train_step_s"],
               r["train_step_vs_dense"], r["compile_s"], r["compile_vs_dense"],
               1e3 * r["step_s"], r["step_vs_dense"], r["first_step_s"]] for r in m["rows"]],
             note=_refresh_note(m) + "\n\n" + _dense_note(m)))

@@ -151,6 +151,8 @@ def test_collectives_counts_the_ops_of_each_step(tmp_path):
         assert 2 <= sum(step.values()) < sum(total.values())
         for r in rows.values():   # the training step holds the update step
             assert r["train_compile_s"] > 0 and r["train_step_s"] > 0
+        # GreedyLore's step holds dense's forward, backward and Adam, and its own phases.
+        assert 0 < rows["dense"]["train_kernels"] < rows["greedylore"]["train_kernels"]
     figures = {}   # the figure each check judges, recomputed from the rows
     for name, model in d["models"].items():
         for r in model["rows"][1:]:
@@ -165,6 +167,22 @@ def test_collectives_counts_the_ops_of_each_step(tmp_path):
         (figure, limit), = [v for k, v in figures.items() if c["target"].startswith(k)]
         assert c["figure"] == pytest.approx(figure) and c["limit"] == limit
         assert c["met"] == (figure <= limit)
+
+
+def test_distinct_kernels_ignores_names_and_metadata_only():
+    def fusion(name, param, op, shape="f32[4]{0}"):
+        return (f"%{name} (p.{name}: f32[4]) -> f32[4] {{\n"
+                f"  %{param} = {shape} parameter(0)\n"
+                f"  ROOT %r.{name} = {shape} {op}(%{param}), "
+                f'metadata={{op_name="jit(f)/{name}"}}\n}}\n')
+    hlo = "HloModule m\n\n" + "\n".join([
+        fusion("fused_computation", "param_0", "sine"),
+        fusion("fused_computation.1", "param_0.7", "sine"),       # names differ: shared
+        fusion("fused_computation.2", "param_0.8", "cosine"),     # op differs
+        fusion("fused_computation.3", "param_0.9", "sine", "f32[8]{0}"),   # shape differs
+        fusion("region_0", "param_0.10", "tanh"),                  # not a fusion
+    ]) + "\nENTRY %main (x: f32[4]) -> f32[4] {\n  ROOT %x = f32[4]{0} parameter(0)\n}\n"
+    assert collectives.distinct_kernels(hlo) == 3
 
 
 def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
