@@ -70,12 +70,15 @@ def test_overhead_combines_phases_as_documented(tmp_path):
     d = _written(tmp_path, "overhead")
     (res,) = d["results"]
     methods = res["methods"]
-    assert {"dense", "greedylore (fast refresh, shared probes)", "powersgd r=4"} <= set(methods)
+    assert {"dense", "greedylore (fast refresh, shared probes)", "powersgd r=4",
+            "greedylore (default: range tracking)"} <= set(methods)
     dense = methods["dense"]["amortized"]
     for name, ph in methods.items():
         if "refresh" in ph:
             assert ph["amortized"] == pytest.approx(
                 ((tau - 1) * ph["compressed"] + ph["refresh"]) / tau)
+        elif "compressed" in ph:   # the default refreshes at its first step only
+            assert ph["amortized"] == ph["compressed"]
         assert ph["overhead"] == pytest.approx(ph["amortized"] / dense), name
     (target,) = d["targets"]
     best = min(ph["overhead"] for n, ph in methods.items() if "fast refresh" in n)
