@@ -144,7 +144,10 @@ Design choices where the spec infers or leaves room (each is tested):
   are all-reduced in their own dtype.
 
 Compute per compressed step and matrix: O(a^2 b) with independent probes, O(rab + a^2)
-with shared ones, plus O(ab (r + p) + a^2 (r + p)) for tracking. Communication per
+with shared ones, plus O(ab (r + p) + a^2 (r + p)) for power tracking; range tracking
+(the default) O(ab (r + p) + a^2 (r + p)) in all, since its selection, payload and
+reconstruction run over the ``r + p`` Ritz vectors (the ``a^2`` term: completing the
+basis). Communication per
 compressed step and matrix: ``num_probes * a`` score floats plus ``r * b`` factor floats,
 in two sequential all-reduces, plus ``r * a`` floats on tracked steps (in the first
 all-reduce with shared probes or range tracking); dense leaves (vectors, masked or gated
