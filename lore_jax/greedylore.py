@@ -357,8 +357,7 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
 
     basis = [subspace.complete_basis(subspace.per_matrix(subspace.orthonormal_columns, y), u)
              for y, u in zip(ys, basis, strict=True)]
-    in_span = [jnp.sum(jnp.square(jnp.swapaxes(u, -1, -2) @ y), axis=-1)
-               for u, y in zip(basis, ys, strict=True)]
+    in_span = [_energies(u, y) for u, y in zip(basis, ys, strict=True)]
     lams = None
     if cfg.probes == "shared":   # lam = U^T (Hbar v'): (p, k, a)
         lams = [jnp.moveaxis(jnp.swapaxes(m[..., q.shape[-1]:], -1, -2) @ u, -2, 0)
@@ -372,14 +371,20 @@ def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -
     lead the basis, completed by the old one. Their scores ``(k, c)`` are their exact
     energies in ``span([Q_hat, v'])``, ``||u_j^T Y||^2 = sigma_j^2``; the completion's
     are zero, so they alone are candidates (:func:`_candidates`)."""
-    def ritz_vectors(y):
-        return jnp.linalg.svd(y, full_matrices=False)[0]
+    def ritz(y):
+        left, sigma, _ = jnp.linalg.svd(y, full_matrices=False)
+        return left, sigma
 
-    new = [subspace.complete_basis(subspace.per_matrix(ritz_vectors, m), u)
-           for m, u in zip(means, basis, strict=True)]
-    in_span = [jnp.sum(jnp.square(jnp.swapaxes(_ritz_columns(u, m), -1, -2) @ m), axis=-1)
-               for u, m in zip(new, means, strict=True)]
-    return _Tracked(new, q_hats, in_span, None)
+    pairs = [subspace.per_matrix(ritz, m) for m in means]
+    new = [subspace.complete_basis(left, u) for (left, _), u in zip(pairs, basis, strict=True)]
+    return _Tracked(new, q_hats, [jnp.square(sigma) for _, sigma in pairs], None)
+
+
+def _energies(u: jax.Array, y: jax.Array) -> jax.Array:
+    """``||u_j^T Y||^2`` ``(k, a)`` for the columns of ``u`` ``(k, a, a)`` and ``Y`` ``(k, a,
+    r)``, formed as ``Y^T U``: XLA:CPU runs the product with the thin operand transposed
+    several times faster than ``U^T Y``."""
+    return jnp.sum(jnp.square(jnp.einsum("...xr,...xa->...ra", y, u)), axis=-2)
 
 
 def _ritz_columns(u: jax.Array, y: jax.Array) -> jax.Array:
