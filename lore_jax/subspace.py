@@ -342,8 +342,12 @@ def complete_basis(top: jax.Array, u_prev: jax.Array) -> jax.Array:
     c_rot_t = jnp.swapaxes(rot, -1, -2) @ c_t               # C'^T = (C B A^T)^T
     m_inv = (left / (1.0 + sig)[..., None, :]) @ jnp.swapaxes(left, -1, -2)  # (I + C1')^-1
     w = u_prev[..., :p] + jnp.einsum("...xy,...py->...xp", u_prev, c_rot_t)  # U_prev (E + C')
-    rest = u_prev[..., p:] - (w @ m_inv) @ c_rot_t[..., p:]
-    return jnp.concatenate([top, rest], axis=-1)
+    # U_prev F[:, p:] = U_prev[:, p:] - W M^-1 C'^T[:, p:], formed over all a columns
+    # (the first p of this are not F's) and T written over the first p: one pass over
+    # the a x a output, where cutting out U_prev[:, p:] and concatenating took three.
+    reflected = u_prev - (w @ m_inv) @ c_rot_t
+    return jax.lax.dynamic_update_slice_in_dim(reflected, top.astype(reflected.dtype), 0,
+                                               axis=-1)
 
 
 def _svd_each(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
