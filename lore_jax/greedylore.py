@@ -485,13 +485,11 @@ def _pseudo_inverse(w: jax.Array) -> jax.Array:
     wt = jnp.swapaxes(w, -1, -2)
     gram = wt @ w
     ridge = 1e-6 * jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
-    eye = jnp.eye(w.shape[-1], dtype=w.dtype)
-    gram = gram + ridge[..., None, None] * eye
+    gram = gram + ridge[..., None, None] * jnp.eye(w.shape[-1], dtype=w.dtype)
     # The c x c inverse, then a product: LAPACK's triangular solves against the b columns
     # of W^T cost far more than the product on CPU (tens of ms per matrix with b = 1024
     # when several devices' solves run at once on a multi-threaded BLAS).
-    inverse = subspace.per_matrix(jnp.linalg.solve, gram, jnp.broadcast_to(eye, gram.shape))
-    return inverse @ wt
+    return subspace.per_matrix(jnp.linalg.inv, gram) @ wt
 
 
 def _with_columns(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array, y: jax.Array,
