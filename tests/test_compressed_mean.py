@@ -202,6 +202,28 @@ def test_powersgd_of_many_leaves_runs_in_two_all_reduces(mesh, by_shape):
     assert [c["op"] for c in cols] == ["all-reduce", "all-reduce"]
 
 
+@pytest.mark.parametrize("make", [lambda: compressed_mean(C.powersgd(2), axis_name="data"),
+                                  lambda: compressed_mean(C.greedy_svd(2), axis_name="data"),
+                                  lambda: lore_jax.greedylore(2, axis_name="data")],
+                         ids=["powersgd", "greedy_svd", "greedylore"])
+def test_distinct_kernels_do_not_grow_with_same_shape_leaves(mesh, make):
+    """Twice the same-shape matrices compile to no more distinct kernels (XLA:CPU compiles
+    each distinct kernel once): a group's matrices are cut out of its stacks by one
+    kernel, not one per matrix."""
+    from benchmarks.collectives import distinct_kernels
+
+    def kernels(n):
+        params = {f"w{i}": jnp.zeros((8, 32)) for i in range(n)}
+        params.update({f"tall{i}": jnp.zeros((24, 6)) for i in range(n)})
+        params["b"] = jnp.zeros((64,))
+        tx = make()
+        state, step = init_and_step(tx, params, mesh)
+        g = put(device_grads(0, params), mesh)
+        return distinct_kernels(step.lower(g, state).compile().as_text())
+
+    assert kernels(6) <= kernels(3)
+
+
 @pytest.mark.parametrize("comp, ops", [(C.random_projection(2), ["all-reduce"]),
                                        (C.greedy_svd(2), ["all-gather", "all-reduce"])],
                          ids=["random_projection", "greedy_svd"])
