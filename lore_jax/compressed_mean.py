@@ -304,8 +304,8 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
     return tuple(group_state(pairs) for pairs in members.values())
 
 
-def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName
-                ) -> tuple[list, list, list, int]:
+def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName,
+                count: jax.Array) -> tuple[list, list, list, int]:
     """Compress -> collective -> decompress for every group at once, each round (inner
     ones included) in one packed collective (:func:`lore_jax.collectives.pmean_packed`:
     one buffer, so one op however many groups).
@@ -316,7 +316,7 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     groups = compressor.groups
 
     def mean(tree):   # one all-reduce per round for the whole model
-        return collectives.pmean_packed(tree, axis_name)
+        return collectives.pmean_packed(tree, axis_name, count)
 
     payloads, shared = groups.compress(st.keys, st.ms, st.states, mean)
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
@@ -328,29 +328,11 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
             states = [s_ if s_ is None else groups.next_state(s_, mp)
                       for s_, mp in zip(states, mean_payloads, strict=True)]
     else:
-        gathered = collectives.all_gather_packed(payloads, axis_name)
+        gathered = collectives.all_gather_packed(payloads, axis_name, count)
         c_bar = [jnp.mean(jax.vmap(lambda p, sh=sh: groups.decompress(p, sh))(g), axis=0)
                  for g, sh in zip(gathered, shared, strict=True)]
     bits = sum(m.shape[0] * groups.bits(m.shape[-2], m.shape[-1]) for m in st.ms)
     return c_local, c_bar, states, bits
-
-
-def _positions(count: jax.Array, n: int) -> tuple[jax.Array, ...]:
-    """The stack positions ``0, ..., n - 1`` as int32 scalars whose values XLA cannot see.
-
-    The grouped path cuts every matrix's two reconstructions out of its group's
-    ``(k, a, b)`` stacks. At constant positions each cut is a kernel of its own (a slice
-    at its own offset, fused with what reads it); at these, the cuts of a group's
-    matrices are one kernel, and XLA:CPU compiles each distinct kernel once (24 matrices
-    of one shape, measured alone: 48 kernels in 1.06 s of compile become 3 in 0.15 s).
-
-    They are the outputs of a conditional on ``count >= 0``, which always holds (the
-    step count starts at zero and only grows, saturating); the other branch, never
-    taken, returns zeros, so that XLA cannot replace the conditional by its constants.
-    """
-    return jax.lax.cond(count >= 0,
-                        lambda: tuple(jnp.int32(j) for j in range(n)),
-                        lambda: tuple(jnp.int32(0) for _ in range(n)))
 
 
 def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
@@ -365,10 +347,11 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
     (``groups.communicate``: GreedyLore's phases). The dense pieces take one ``psum`` of
     many operands, which XLA's all-reduce combiner merges into a round's op (the HLO
-    tests and ``benchmarks/collectives.py`` count them). Unlike a packed buffer, it
-    leaves each piece's mean in a buffer of its own: cutting pieces back out of a packed
-    buffer takes one distinct kernel each, and XLA:CPU compiles every distinct kernel
-    (about 10 ms each), where same-shape pieces share theirs.
+    tests and ``benchmarks/collectives.py`` count them), and leaves each piece's mean in
+    a buffer of its own. Every matrix's two reconstructions are cut out of its group's
+    stacks at positions XLA cannot fold (:func:`lore_jax.collectives.opaque_ints`), so
+    that a group's cuts are one kernel: XLA:CPU compiles every distinct kernel (about
+    10 ms each), and a cut at a constant position is a kernel of its own.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
@@ -380,10 +363,11 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
     if groups.communicate is not None:
         c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
     else:
-        c_local, c_bar, states, bits = _round_trip(compressor, st, axis_name)
+        c_local, c_bar, states, bits = _round_trip(compressor, st, axis_name, count)
     dense_bar = collectives.pmean(st.dense, axis_name)
     where = {g: n for n, g in enumerate(st.order)}
-    positions = _positions(count, max((m.shape[0] for m in st.ms), default=0))
+    positions = collectives.opaque_ints(range(max((m.shape[0] for m in st.ms), default=0)),
+                                        count)
 
     def cut(stack, slot, dtype):
         return subspace.unorient(
@@ -627,26 +611,6 @@ def _checked_outputs(mode: ef.ErrorFeedback, outs: list, witness: list | None) -
     return witness + [o for o in outs if o.dtype not in (jnp.float32, jnp.float64)]
 
 
-def _own_buffers(outs: list, finite: jax.Array) -> list:
-    """``outs``, the same values, each in a buffer of its own: passed through a
-    conditional on ``finite``, which XLA cannot fuse into the ops that consume them.
-
-    The grouped path cuts every matrix's output from its group's stack. Left to itself,
-    XLA fuses each cut into every kernel of the base optimizer that reads the leaf
-    (Adam's two moments), so those kernels differ from leaf to leaf, where otherwise the
-    same-shape leaves share them; XLA:CPU compiles every distinct kernel (about 10 ms
-    each). On the 24-layer MLP's PowerSGD-then-Adam training step this took the
-    distinct kernels from 155 to 111 (dense: 20).
-
-    The branches must differ for XLA to keep the conditional: the non-finite one returns
-    ``x + 0``, which is ``x`` except that ``-0.0`` becomes ``0.0`` (and XLA may not fold it
-    for that reason). A non-finite step's output is only there for
-    ``optax.apply_if_finite`` to skip.
-    """
-    return jax.lax.cond(finite, lambda o: o, lambda o: [x + jnp.zeros((), x.dtype) for x in o],
-                        outs)
-
-
 class _Step(NamedTuple):
     """One step's per-leaf quantities, flattened like the gradients."""
 
@@ -771,8 +735,7 @@ def pipeline(
     """The data flow every lore_jax compressing transform runs, one named phase per
     arrow: :func:`_error_feedback_in` -> :func:`_send` (compress -> collective ->
     decompress) -> :func:`_error_feedback_out` -> :func:`_next_state` (the non-finite
-    rule and the bit counts); the grouped path hands its outputs over in buffers of
-    their own (:func:`_own_buffers`). :func:`compressed_mean` documents the arguments;
+    rule and the bit counts). :func:`compressed_mean` documents the arguments;
     ``transform`` names the public transform in error messages (``"greedylore"`` runs
     its compressor through this same pipeline)."""
     mode = ef.validate(error_feedback)
@@ -828,8 +791,6 @@ def pipeline(
         new_state = _next_state(
             mode, state, treedef, errors, trackers, cstate, bits, finite, error_finite,
             sum(accounting.bits_of(g.shape, g.dtype) for g in leaves))
-        if witness is not None:
-            outs = _own_buffers(outs, finite)
         return treedef.unflatten(outs), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
