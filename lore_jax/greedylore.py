@@ -478,18 +478,27 @@ def _reconstruct(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array) -> ja
     return subspace.reconstruct(*_factors(cfg, u, r, sel))
 
 
-def _pseudo_inverse(w: jax.Array) -> jax.Array:
-    """``W^+ = (W^T W)^{-1} W^T`` ``(k, c, b)`` of columns ``W`` ``(k, b, c)``, with a ridge
-    of ``1e-6`` times the largest squared column norm, so that a zero column (no room for
-    a probe outside ``span(Q_hat)``, ``b = r``) gets a zero row."""
-    wt = jnp.swapaxes(w, -1, -2)
-    gram = wt @ w
-    ridge = 1e-6 * jnp.max(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
-    gram = gram + ridge[..., None, None] * jnp.eye(w.shape[-1], dtype=w.dtype)
-    # The c x c inverse, then a product: LAPACK's triangular solves against the b columns
-    # of W^T cost far more than the product on CPU (tens of ms per matrix with b = 1024
-    # when several devices' solves run at once on a multi-threaded BLAS).
-    return subspace.per_matrix(jnp.linalg.inv, gram) @ wt
+def _pseudo_inverse(w: jax.Array, rank: int) -> jax.Array:
+    """``W^+`` ``(k, c, b)`` of range tracking's columns ``W = [Q_hat, V']`` ``(k, b, c)``.
+
+    ``Q_hat`` (the leading ``rank`` columns) is orthonormal and ``V'`` (the ``p`` probe
+    columns) lies outside ``span(Q_hat)``, so ``W^T W = diag(I, V'^T V')`` and ``W^+ =
+    [Q_hat^T; (V'^T V' + ridge I)^{-1} V'^T]``: no ``c x c`` factorization, and for the
+    default ``p = 1`` a division. The ridge, ``1e-6`` times the largest squared column
+    norm of ``W`` (at least 1, from ``Q_hat``), gives a zero probe column (no room outside
+    ``span(Q_hat)``, ``b = r``) a zero row and leaves the in-span rows exact.
+    """
+    q_hat, v = w[..., :rank], w[..., rank:]
+    vt = jnp.swapaxes(v, -1, -2)
+    gram = vt @ v                                                    # (k, p, p)
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    ridge = 1e-6 * jnp.maximum(jnp.max(diag, axis=-1), 1.0)
+    if v.shape[-1] == 1:
+        v_pinv = vt / (diag + ridge[..., None])[..., None]
+    else:
+        gram = gram + ridge[..., None, None] * jnp.eye(v.shape[-1], dtype=v.dtype)
+        v_pinv = subspace.per_matrix(jnp.linalg.inv, gram) @ vt
+    return jnp.concatenate([jnp.swapaxes(q_hat, -1, -2), v_pinv], axis=-2)
 
 
 def _with_columns(cfg: _Config, u: jax.Array, r: jax.Array, sel: jax.Array, y: jax.Array,
@@ -535,7 +544,8 @@ def _compressed_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array],
     rs = [_payload(cfg, u, x, z, j) for u, x, z, j in zip(cands, xs, zs, sels, strict=True)]
     r_bar = collectives.pmean(rs, cfg.axis_name)
     if tracked is not None and tracked.columns is not None:   # range: nothing sent is lost
-        pinvs = [_pseudo_inverse(w) for w in tracked.columns]
+        pinvs = [_pseudo_inverse(w, q.shape[-1])
+                 for w, q in zip(tracked.columns, tracked.q_hat, strict=True)]
         c_local = [_with_columns(cfg, u, r, j, y, w, p) for u, r, j, y, w, p in zip(
             cands, rs, sels, tracked.local, tracked.columns, pinvs, strict=True)]
         c_bar = [_with_columns(cfg, u, r, j, y, w, p) for u, r, j, y, w, p in zip(

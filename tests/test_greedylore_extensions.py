@@ -76,6 +76,21 @@ def test_full_rank_reproduces_dense_mean_every_step(mesh, options):
             np.testing.assert_allclose(out[k], g[k].mean(0), rtol=2e-4, atol=3e-5)
 
 
+@pytest.mark.parametrize("num_probes", [1, 2])
+def test_range_tracking_with_no_room_for_probes_reproduces_dense_mean(mesh, num_probes):
+    """A square matrix at full rank (r = a = b): the probe columns outside span(Q_hat)
+    are zero, their rows of W^+ must be zero (not NaN), and the output is the mean."""
+    rng = np.random.default_rng(14)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 5)), jnp.float32)}
+    tx = lore_jax.greedylore(5, min_compression_rate=0.0, num_probes=num_probes, **RANGE)
+    state, step = init_and_step(tx, params, mesh)
+    for _ in range(4):
+        g = device_grads(rng, params)
+        out, state = step(put(g, mesh), state)
+        np.testing.assert_allclose(out["w"], g["w"].mean(0), rtol=2e-4, atol=3e-5)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
 @pytest.mark.parametrize("options", [RANGE, {**TRACKED, **GROUPED}])
 def test_telescoping_invariant_with_tracking_and_group_allocation(mesh, options):
     """sum_t out_t = sum_t mean_i g_i^t - mean_i E_i^T holds for the extensions too."""
