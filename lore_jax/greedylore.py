@@ -50,7 +50,9 @@ lore_jax extensions (each one argument, each tested against the NumPy reference 
         v' = v (I - Q_hat Q_hat^T)    v: p = num_probes fresh Gaussian columns, shared
         Y = mean_i H_i [Q_hat, v']    all-reduce #1 (a (r + p) floats)
         T, sigma = svd(Y)             Ritz vectors, a x (r + p)                _ritz_basis
-        U = [T, completion of U_prev] complete basis (subspace.complete_basis)
+        U = [T, completion of U_prev] complete basis; the completion scores zero and is
+                                      never formed unless a fast refresh or an untracked
+                                      step reads it: the state keeps T, (k, a, c)
         score_j = ||u_j^T Y||^2       exact energy in span([Q_hat, v']): sigma_j^2, 0 after
         J, R as below (all-reduce #2);  W = [Q_hat, v'],  P_W = W W^+        _with_columns
         out = U_J R_bar + (I - U_J U_J^T) Y W^+     Y W^+ = Hbar P_W, known from round #1
@@ -145,9 +147,9 @@ Design choices where the spec infers or leaves room (each is tested):
 
 Compute per compressed step and matrix: O(a^2 b) with independent probes, O(rab + a^2)
 with shared ones, plus O(ab (r + p) + a^2 (r + p)) for power tracking; range tracking
-(the default) O(ab (r + p) + a^2 (r + p)) in all, since its selection, payload and
-reconstruction run over the ``r + p`` Ritz vectors (the ``a^2`` term: completing the
-basis). Communication per
+(the default) O(ab (r + p)) in all, since its selection, payload and reconstruction run
+over the ``r + p`` Ritz vectors and it forms no completion (with ``track_every > 1`` or
+a fast refresh it completes the basis, O(a^2 (r + p)) more). Communication per
 compressed step and matrix: ``num_probes * a`` score floats plus ``r * b`` factor floats,
 in two sequential all-reduces, plus ``r * a`` floats on tracked steps (in the first
 all-reduce with shared probes or range tracking); dense leaves (vectors, masked or gated
@@ -163,8 +165,11 @@ at once and all-reduces its rounds itself, and then updates the memory, applies 
 non-finite rule and counts the bits, as for every other compressor. The state is a
 :class:`lore_jax.CompressedMeanState`: ``error`` (and the EF21 ``tracker``) shaped like
 the parameters, float32, and, in ``compressor_state``, one :class:`GreedyLoreBasis`
-per group of same-shape matrices (bases ``(k, a, a)``, tracking factors ``(k, b, r)``),
-kept stacked from step to step.
+per group of same-shape matrices (bases ``(k, a, a)``, or under range tracking every
+step the ``c = min(a, r + p)`` Ritz vectors ``(k, a, c)``; tracking factors ``(k, b,
+r)``), kept stacked from step to step. Range tracking's state is thus ``O((a + b) r)``
+per matrix, as PowerSGD's, where a complete basis is ``a^2`` floats (64 MiB for a
+4096-wide matrix, replicated on every device).
 
 References:
   Chen, He, Li, Jia, Yuan. "Greedy Low-Rank Gradient Compression for Distributed
@@ -198,7 +203,9 @@ class GreedyLoreBasis(NamedTuple):
     ``compressor_state``, in the order of the groups' first leaves."""
 
     basis: jax.Array
-    """float32 ``(k, a, a)``: complete orthonormal bases (columns)."""
+    """float32 ``(k, a, a)``: complete orthonormal bases (columns); with range tracking on
+    every compressed step (the default) only their leading ``c = min(a, r + p)``
+    columns ``(k, a, c)``, the last step's Ritz vectors, the only candidates."""
     factor: jax.Array | None
     """float32 ``(k, b, r)``: the tracking factors ``Q``; ``None`` with ``tracking="off"``."""
 
@@ -291,7 +298,7 @@ def _refresh_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array], basi
     """Refresh, ``(t - t0) % tau == 0``: ``Hbar = mean_i H_i``, ``U = svd(Hbar).U``,
     ``out = Hbar`` (a dense step, so EF14 memory resets: spec pitfall 6)."""
     c_bar = collectives.pmean(xs, cfg.axis_name)
-    basis = tuple(_refresh_basis(cfg, g, h, u, first)
+    basis = tuple(_refresh_basis(cfg, g, h, u, first)[..., :u.shape[-1]]
                   for g, h, u in zip(groups, c_bar, basis, strict=True))
     if cfg.tracking != "off":
         factor = tuple(_initial_factor(h, u, g.rank)
@@ -324,7 +331,7 @@ def _outside(v: jax.Array, q_hat: jax.Array | None) -> jax.Array:
 class _Tracked(NamedTuple):
     """What a tracking round gives the scoring, per group."""
 
-    basis: list[jax.Array]           # (k, a, a): [T, completion]
+    basis: list[jax.Array]           # (k, a, a): [T, completion]; or T, (k, a, c)
     q_hat: list[jax.Array]           # (k, b, r): the orthonormalised factor
     in_span: list[jax.Array]         # (k, a), range: (k, c): ||u_j^T Y||^2, exact
     lams: list[jax.Array] | None     # power + shared probes: (p, k, a) averaged scores
@@ -352,7 +359,8 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     sends = [x @ w for x, w in zip(xs, ws, strict=True)]
     means = collectives.pmean(sends, cfg.axis_name)
     if cfg.tracking == "range":
-        return _ritz_basis(means, basis, q_hats)._replace(columns=ws, local=sends, mean=means)
+        return _ritz_basis(cfg, means, basis, q_hats)._replace(columns=ws, local=sends,
+                                                              mean=means)
     ys = [m[..., :q.shape[-1]] for m, q in zip(means, q_hats, strict=True)]
 
     basis = [subspace.complete_basis(subspace.per_matrix(subspace.orthonormal_columns, y), u)
@@ -365,18 +373,25 @@ def _track_basis(cfg: _Config, xs: list[jax.Array], basis: tuple, factor: tuple,
     return _Tracked(basis, q_hats, in_span, lams)
 
 
-def _ritz_basis(means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]) -> _Tracked:
+def _ritz_basis(cfg: _Config, means: list[jax.Array], basis: tuple, q_hats: list[jax.Array]
+                ) -> _Tracked:
     """Range tracking: ``Y = Hbar [Q_hat, v']`` (``a x (r + p)``, already averaged); its
     ``c = min(a, r + p)`` left singular vectors (Ritz vectors, in order of ``sigma_j``)
-    lead the basis, completed by the old one. Their scores ``(k, c)`` are their exact
-    energies in ``span([Q_hat, v'])``, ``||u_j^T Y||^2 = sigma_j^2``; the completion's
-    are zero, so they alone are candidates (:func:`_candidates`)."""
+    lead the basis. Their scores ``(k, c)`` are their exact energies in ``span([Q_hat,
+    v'])``, ``||u_j^T Y||^2 = sigma_j^2``; the completion's are zero, so they alone are
+    candidates (:func:`_candidates`). The new basis is the Ritz vectors alone ``(k, a,
+    c)`` when nothing reads the completion (:func:`_keeps_ritz_vectors_only`), else
+    completed by the old one (:func:`lore_jax.subspace.complete_basis`) to ``(k, a, a)``."""
     def ritz(y):
         left, sigma, _ = jnp.linalg.svd(y, full_matrices=False)
         return left, sigma
 
     pairs = [subspace.per_matrix(ritz, m) for m in means]
-    new = [subspace.complete_basis(left, u) for (left, _), u in zip(pairs, basis, strict=True)]
+    if _keeps_ritz_vectors_only(cfg):
+        new = [left for left, _ in pairs]
+    else:
+        new = [subspace.complete_basis(left, u)
+               for (left, _), u in zip(pairs, basis, strict=True)]
     return _Tracked(new, q_hats, [jnp.square(sigma) for _, sigma in pairs], None)
 
 
@@ -388,7 +403,7 @@ def _energies(u: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _ritz_columns(u: jax.Array, y: jax.Array) -> jax.Array:
-    """The leading ``c = min(a, r + p)`` columns of the basis ``u`` ``(k, a, a)``: the Ritz
+    """The leading ``c = min(a, r + p)`` columns of the basis ``u`` ``(k, a, a | c)``: the Ritz
     vectors of ``Y`` ``(k, a, r + p)`` after a range-tracking round."""
     return u[..., :min(u.shape[-1], y.shape[-1])]
 
@@ -576,6 +591,23 @@ def _tracks_every_step(cfg: _Config) -> bool:
     return cfg.tracking != "off" and cfg.track_every == 1
 
 
+def _keeps_ritz_vectors_only(cfg: _Config) -> bool:
+    """Whether the state keeps only the ``c = min(a, r + p)`` Ritz vectors, not a complete
+    basis: range tracking on every compressed step selects among its Ritz vectors alone
+    and rebuilds them from ``Y`` each step, so the completion would never be read, unless
+    a fast refresh (``refresh="subspace_iteration"``) completes from it."""
+    return (cfg.tracking == "range" and _tracks_every_step(cfg)
+            and not (cfg.update_interval and cfg.refresh == "subspace_iteration"))
+
+
+def _basis_columns(cfg: _Config, a: int, rank: int) -> int:
+    """Columns of a group's stored basis: ``a`` (complete), or the ``c = min(a, r + p)``
+    Ritz vectors of range tracking (:func:`_keeps_ritz_vectors_only`)."""
+    if _keeps_ritz_vectors_only(cfg):
+        return min(a, min(rank, a) + cfg.num_probes)
+    return a
+
+
 def _schedule(cfg: _Config, rank: int, key: jax.Array, rate: float) -> Compressor:
     """GreedyLore as a compressor of :func:`lore_jax.compressed_mean`'s pipeline: its
     phase schedule (warm-up, refresh, compressed) over all same-shape stacks at once.
@@ -600,7 +632,8 @@ def _schedule(cfg: _Config, rank: int, key: jax.Array, rate: float) -> Compresso
             return None
         factor = None if cfg.tracking == "off" else jnp.zeros((v.b, min(rank, v.a)),
                                                               jnp.float32)
-        return GreedyLoreBasis(jnp.eye(v.a, dtype=jnp.float32), factor)
+        return GreedyLoreBasis(jnp.eye(v.a, _basis_columns(cfg, v.a, rank), dtype=jnp.float32),
+                               factor)
 
     def communicate(ms, states, count):
         groups = [_Group(m.shape[-2], m.shape[-1], min(rank, m.shape[-2]), m.shape[0])

@@ -57,8 +57,11 @@ def greedylore_bases(state) -> list:
 
 def with_greedylore_stack(state, basis=None, factor=None):
     """``state`` with its one group's bases ``(k, a, a)`` and factors ``(k, b, r)``
-    replaced (``None``: kept)."""
+    replaced (``None``: kept). A state that keeps only its leading basis columns
+    (range tracking's Ritz vectors, ``(k, a, c)``) gets the leading ``c`` of ``basis``."""
     (group,) = state.compressor_state
+    if basis is not None:
+        basis = basis[..., :group.basis.shape[-1]]
     group = group._replace(basis=group.basis if basis is None else basis,
                            factor=group.factor if factor is None else factor)
     return state._replace(compressor_state=(group,))

@@ -91,6 +91,36 @@ def test_range_tracking_with_no_room_for_probes_reproduces_dense_mean(mesh, num_
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
+def test_range_tracking_keeps_only_its_ritz_vectors_and_loses_nothing(mesh):
+    """Every-step range tracking stores its c = min(a, r + p) Ritz vectors, not a complete
+    a x a basis. Until its second refresh, a fast refresh's run (which keeps the complete
+    basis for the refresh to complete from) is the same algorithm: same outputs, and its
+    bases' leading c columns are the Ritz vectors kept."""
+    rng = np.random.default_rng(15)
+    params = make_params(rng)
+    lean = lore_jax.greedylore(2, update_interval=6, min_compression_rate=1.5)
+    full = lore_jax.greedylore(2, update_interval=6, min_compression_rate=1.5,
+                               refresh="subspace_iteration")
+    (s_lean, step_lean), (s_full, step_full) = (init_and_step(t, params, mesh)
+                                                for t in (lean, full))
+    for _ in range(5):   # the refresh, then four compressed steps
+        g = put(device_grads(rng, params), mesh)
+        (o_lean, s_lean), (o_full, s_full) = step_lean(g, s_lean), step_full(g, s_full)
+        for k in params:
+            np.testing.assert_allclose(o_lean[k], o_full[k], rtol=1e-5, atol=1e-6)
+    pairs = list(zip(greedylore_bases(s_lean), greedylore_bases(s_full), strict=True))
+    assert pairs
+    for kept, complete in pairs:
+        k, a, c = kept.basis.shape
+        assert complete.basis.shape == (k, a, a) and c == min(a, 2 + 1)
+        np.testing.assert_allclose(kept.basis, complete.basis[..., :c], atol=1e-5)
+        np.testing.assert_allclose(np.swapaxes(kept.basis, 1, 2) @ kept.basis,
+                                   np.broadcast_to(np.eye(c), (k, c, c)), atol=1e-5)
+    tracked_every_other = lore_jax.greedylore(2, track_every=2, min_compression_rate=1.5)
+    assert all(s.basis.shape[-1] == s.basis.shape[-2] for s in
+               greedylore_bases(tracked_every_other.init(params)))
+
+
 @pytest.mark.parametrize("options", [RANGE, {**TRACKED, **GROUPED}])
 def test_telescoping_invariant_with_tracking_and_group_allocation(mesh, options):
     """sum_t out_t = sum_t mean_i g_i^t - mean_i E_i^T holds for the extensions too."""
