@@ -168,8 +168,8 @@ the parameters, float32, and, in ``compressor_state``, one :class:`GreedyLoreBas
 per group of same-shape matrices (bases ``(k, a, a)``, or under range tracking every
 step the ``c = min(a, r + p)`` Ritz vectors ``(k, a, c)``; tracking factors ``(k, b,
 r)``), kept stacked from step to step. Range tracking's state is thus ``O((a + b) r)``
-per matrix, as PowerSGD's, where a complete basis is ``a^2`` floats (64 MiB for a
-4096-wide matrix, replicated on every device).
+per matrix, the order of PowerSGD's ``O(b r)``, where a complete basis is ``a^2``
+floats (64 MiB for a 4096-wide matrix, replicated on every device).
 
 References:
   Chen, He, Li, Jia, Yuan. "Greedy Low-Rank Gradient Compression for Distributed
