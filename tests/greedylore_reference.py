@@ -4,9 +4,10 @@ It keeps one (a x b) matrix state per compressible leaf and loops over devices
 explicitly; float64 throughout. The only things it shares with lore_jax are the
 documented conventions: leaf -> matrix view (flatten to (prod(shape[:-1]), shape[-1]),
 transpose if tall), the size gate, and the probe formula (groups of same oriented
-shape numbered by first appearance, probes of step t for group g drawn as
-``jax.random.normal(fold_in(fold_in(key, t), g), (1, k, a, b))``, or ``(1, k, b)`` for
-shared probes).
+shape numbered by first appearance; the probes of step t for all groups drawn as one
+``v = jax.random.normal(fold_in(key, t), (n,))``, ``n`` the sum over groups of
+``p k a b`` (``p k b`` for shared probes and probe columns), group g's the g-th block of
+``v``, reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
 
 The lore_jax extensions are written from the spec in the greedylore module docstring:
 basis tracking (``tracking="power"``: ``Y = mean_i H_i qr(Q)``, ``T = qr(Y)``, the old
@@ -88,6 +89,7 @@ class GreedyLoreReference:
             counts[(a, b)] = self.pos[name] + 1
             self.comp[name] = (a, b, r)
         self.counts = [counts[s] for s in shapes]
+        self.shapes = shapes
         self.E = {k: np.zeros((n, a, b)) for k, (a, b, _) in self.comp.items()}
         self.h = {k: np.zeros((a, b)) for k, (a, b, _) in self.comp.items()}
         self.U = {k: np.eye(a) for k, (a, _, _) in self.comp.items()}
@@ -95,12 +97,18 @@ class GreedyLoreReference:
 
     def probes(self, name: str, columns: bool = False) -> np.ndarray:
         """This step's probes of ``name``: ``(p, b)`` shared or columns, else ``(p, a, b)``."""
-        a, b, _ = self.comp[name]
+        def block(g):   # group g's probes: (p, k, b) or (p, k, a, b)
+            a, b = self.shapes[g]
+            k = self.counts[g]
+            return (self.num_probes, k, b) if self.shared or columns else \
+                (self.num_probes, k, a, b)
+
+        sizes = [int(np.prod(block(g))) for g in range(len(self.shapes))]
+        v = np.asarray(jax.random.normal(jax.random.fold_in(self.key, self.t), (sum(sizes),)),
+                       np.float64)
         g = self.group[name]
-        k = jax.random.fold_in(jax.random.fold_in(self.key, self.t), g)
-        shape = (self.counts[g], b) if self.shared or columns else (self.counts[g], a, b)
-        v = jax.random.normal(k, (self.num_probes, *shape))
-        return np.asarray(v, np.float64)[:, self.pos[name]]
+        start = sum(sizes[:g])
+        return v[start:start + sizes[g]].reshape(block(g))[:, self.pos[name]]
 
     def score(self, name: str, xs: list[np.ndarray], q_hat: np.ndarray | None = None,
               y: np.ndarray | None = None) -> np.ndarray:
