@@ -455,10 +455,11 @@ def _shapes(tree: Any) -> list[tuple[str, tuple]]:
 
 
 def _finite(outs: list, errors: list, model_axes: tuple,
-            check_memory: bool) -> tuple[jax.Array, jax.Array]:
-    """Whether the output is finite and whether this device's new memory is, each
-    agreed over ``model_axes`` (the shards of a leaf), so that replicated state stays
-    replicated (XLA combines the two reductions into one all-reduce).
+            check_memory: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Whether the output is finite and whether this device's new memory is (``None``
+    when not checked), each agreed over ``model_axes`` (the shards of a leaf), so that
+    replicated state stays replicated (XLA combines the two reductions into one
+    all-reduce).
 
     ``outs`` are the arrays whose finiteness is the output's: the outputs themselves, or
     (:func:`_checked_outputs`) the stacks they are cut from. ``check_memory=False`` where
@@ -469,7 +470,7 @@ def _finite(outs: list, errors: list, model_axes: tuple,
     """
     finite = collectives.agree(collectives.all_finite(outs), model_axes)
     if not check_memory:
-        return finite, finite
+        return finite, None
     return finite, collectives.agree(collectives.all_finite(errors), model_axes)
 
 
@@ -693,31 +694,39 @@ def _add_bits(counter: jax.Array, amounts: list) -> jax.Array:
 
 def _next_state(mode: ef.ErrorFeedback, state: CompressedMeanState, treedef: Any,
                 errors: list, trackers: list, cstate: Any, bits: list, finite: jax.Array,
-                error_finite: jax.Array, dense_bits: int) -> CompressedMeanState:
+                error_finite: jax.Array | None, dense_bits: int) -> CompressedMeanState:
     """The new state; on a non-finite step the old memory, tracker, compressor state and
-    count (a device whose new memory alone is not finite keeps its old memory)."""
-    def keep_if_finite(new, old, ok=finite):
-        # One conditional for a whole tree: a select per leaf would each recompute the
-        # flag's sum over every leaf (XLA copies it into each fusion), a step's HLO
-        # growing with the square of its leaves.
-        return jax.lax.cond(ok, lambda n, o: n, lambda n, o: o, new, old)
+    count, and one more ``nonfinite_steps`` (a device whose new memory alone is not
+    finite, ``error_finite`` false, keeps its old memory). Bits are counted either way.
 
-    error = state.error
+    One conditional for all of it: a select per leaf, or a conditional per field, would
+    each recompute the flag's sum over every leaf (XLA copies it into each fusion), a
+    step's HLO growing with the number of leaves or fields."""
+    new_error = state.error
     if ef.has_local(mode):
         old = treedef.flatten_up_to(state.error)
         new_error = treedef.unflatten([e[None].astype(o.dtype)
                                        for e, o in zip(errors, old, strict=True)])
-        error = keep_if_finite(new_error, state.error, finite & error_finite)
-    tracker = state.tracker
-    if ef.has_global(mode):
-        tracker = keep_if_finite(treedef.unflatten(trackers), state.tracker)
+    new_tracker = treedef.unflatten(trackers) if ef.has_global(mode) else state.tracker
+
+    def advance(old_error):
+        error = new_error
+        if ef.has_local(mode) and error_finite is not None:
+            error = jax.lax.cond(error_finite, lambda n, o: n, lambda n, o: o,
+                                 new_error, old_error)
+        return (optax.safe_increment(state.count), error, new_tracker, cstate,
+                state.nonfinite_steps)
+
+    def hold(old_error):
+        return (state.count, old_error, state.tracker, state.compressor_state,
+                state.nonfinite_steps + 1)
+
+    count, error, tracker, kept, nonfinite = jax.lax.cond(finite, advance, hold, state.error)
     return CompressedMeanState(
-        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-        key=state.key, error=error, tracker=tracker,
-        compressor_state=keep_if_finite(cstate, state.compressor_state),
+        count=count, key=state.key, error=error, tracker=tracker, compressor_state=kept,
         bits_sent=_add_bits(state.bits_sent, bits),
         bits_dense=accounting.add_bits(state.bits_dense, dense_bits),
-        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        nonfinite_steps=nonfinite,
     )
 
 

@@ -397,6 +397,27 @@ def test_nonfinite_step_keeps_the_state():
     np.testing.assert_allclose(upd["w"], -0.1 * np.where(np.arange(8) >= 6, np.arange(8), 0))
 
 
+def test_a_nonfinite_entry_left_out_of_the_payload_keeps_the_old_memory_only():
+    # random-k leaves most entries out of the payload: a NaN among them spoils this
+    # device's new memory but not the output. The step counts as a finite one (count
+    # advances, nonfinite_steps does not), and the memory stays as it was.
+    tx = compressed_mean(C.random_k(2), axis_name=None)
+    params = {"w": jnp.zeros(8)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grad = np.arange(1.0, 9.0, dtype=np.float32)
+    out, good = update({"w": jnp.asarray(grad)}, state)
+    sent = np.asarray(out["w"]) != 0
+    assert sent.sum() == 2
+    np.testing.assert_allclose(good.error["w"][0], grad - np.asarray(out["w"]))
+    broken = grad.copy()
+    broken[np.flatnonzero(~sent)[0]] = np.nan
+    out_b, new = update({"w": jnp.asarray(broken)}, state)
+    np.testing.assert_array_equal(out_b["w"], out["w"])
+    np.testing.assert_array_equal(new.error["w"], state.error["w"])
+    assert int(new.count) == 1 and int(new.nonfinite_steps) == 0
+
+
 _POWERSGD_CASES = [(leaf, index, bad, "powersgd") for bad in (np.nan, np.inf)
                    for leaf, index in [("a", (3, 2, 1)), ("b", (0, 5, 0)), ("bias", (6, 4)),
                                        ("h", (1, 0, 3))]]
