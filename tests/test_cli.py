@@ -161,15 +161,19 @@ def test_other_compressors_train(mesh, tmp_path, compressor):
 def test_greedylore_refresh_and_probes_options_reach_the_transform(mesh):
     from lore_jax.training import TrainConfig, train
 
+    # The paper's mode, where both options change the directions chosen. (Under range
+    # tracking the probes option is unused and the refresh changes only rounding.)
     kw = dict(steps=12, hidden=(32, 32), batch_size=32, update_interval=4,
-              schedule="constant", eval_every=12, progress=False)
+              schedule="constant", eval_every=12, progress=False, tracking="off")
     base = train(TrainConfig(**kw)).summary
-    fast = train(TrainConfig(refresh="subspace_iteration", probes="shared", **kw)).summary
-    assert np.isfinite(fast["train_loss"]) and fast["compression"] > 1.5
-    # Neither option changes what crosses the wire ...
-    assert fast["bits_sent"] == base["bits_sent"]
-    # ... but both change the directions chosen, so the runs differ.
-    assert fast["train_loss"] != base["train_loss"]
+    runs = [train(TrainConfig(refresh="subspace_iteration", **kw)).summary,
+            train(TrainConfig(probes="shared", **kw)).summary]
+    for run in runs:
+        assert np.isfinite(run["train_loss"]) and run["compression"] > 1.5
+        # Neither option changes what crosses the wire ...
+        assert run["bits_sent"] == base["bits_sent"]
+        # ... but each changes the directions chosen, by far more than rounding.
+        assert abs(run["train_loss"] - base["train_loss"]) > 1e-5
 
 
 @pytest.mark.parametrize("flags, size", [
