@@ -88,11 +88,12 @@ Design choices where the spec infers or leaves room (each is tested):
   compressed steps, and so on.
 * **Probes.** Those of step ``t`` for every group of same-shape matrices (``k``
   matrices ``a x b``, groups in order of their first leaf) are drawn at once:
-  ``v = jax.random.normal(fold_in(key, t), (n,))`` with ``n`` the sum of the groups'
+  ``v = jax.random.normal(probe_key(key, t), (n,))`` with ``n`` the sum of the groups'
   ``num_probes k a b``, and group ``g``'s are its block of ``v`` in that order, reshaped
   ``(num_probes, k, a, b)`` (one draw compiles to one set of kernels, a draw per group
-  to one each). They come from the replicated key and never the device index (spec
-  pitfall 2). ``num_probes > 1``
+  to one each). :func:`probe_key` derives step ``t``'s key for XLA's own bit generator
+  (``RngBitGenerator``) from the transform's key. They come from the replicated key and
+  never the device index (spec pitfall 2). ``num_probes > 1``
   averages the squared scores of independent probes (spec section 2.2: k probes cut
   the score variance by k for k a score floats); the default 1 is the paper's.
 * **Shared probes** (``probes="shared"``, a lore_jax option; the paper's is
@@ -308,6 +309,26 @@ def _refresh_phase(cfg: _Config, groups: list[_Group], xs: list[jax.Array], basi
         factor = tuple(_initial_factor(h, u, g.rank)
                        for g, h, u in zip(groups, c_bar, basis, strict=True))
     return _Phase(xs, c_bar, basis, factor)
+
+
+def probe_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
+    """Step ``t``'s probe key: ``fold_in(wrap_key_data([key, key], impl="unsafe_rbg"), t)``.
+
+    ``key`` is the transform's raw ``uint32[2]`` key. The probes are drawn with XLA's own
+    bit generator (``RngBitGenerator``) rather than threefry: on XLA:CPU, threefry's
+    ``fold_in`` and draw each compile to a loop of kernels of their own, 5 of the 73
+    distinct kernels of a 24-layer MLP's training step (``benchmarks/collectives.py``).
+    The probes' law is unchanged (standard normal); their values are XLA's, which may
+    differ between backends.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lore_jax.greedylore import probe_key
+      >>> jax.random.normal(probe_key(jnp.zeros(2, jnp.uint32), 3), (4,)).shape
+      (4,)
+    """
+    rbg = jax.random.wrap_key_data(jnp.concatenate([key, key]), impl="unsafe_rbg")
+    return jax.random.fold_in(rbg, t)
 
 
 def _draw_probes(cfg: _Config, key: jax.Array, shapes: list[tuple[int, ...]]
@@ -633,7 +654,7 @@ def _schedule(cfg: _Config, rank: int, key: jax.Array, rate: float) -> Compresso
     stacked :class:`GreedyLoreBasis` states and the step count. Each step runs one phase
     (``jax.lax.switch``) and all-reduces its rounds itself, since the payload's shape
     changes with the phase; it returns the local and mean reconstructions. The probes
-    of step ``t`` come from one draw of ``fold_in(key, t)`` for all groups.
+    of step ``t`` come from one draw of :func:`probe_key` ``(key, t)`` for all groups.
     """
     def view(shape):   # the size gate: min(r, a) b rate < a b
         v = subspace.matrix_view(shape)
@@ -657,7 +678,7 @@ def _schedule(cfg: _Config, rank: int, key: jax.Array, rate: float) -> Compresso
         if not groups:
             return [], [], [], 0
         phase = _phase_index(cfg, count)
-        step_key = jax.random.fold_in(key, count)
+        step_key = probe_key(key, count)
         first = count == cfg.warmup_steps
         branches = [
             lambda b, f: _dense_phase(cfg, ms, b, f),

@@ -5,9 +5,9 @@ explicitly; float64 throughout. The only things it shares with lore_jax are the
 documented conventions: leaf -> matrix view (flatten to (prod(shape[:-1]), shape[-1]),
 transpose if tall), the size gate, and the probe formula (groups of same oriented
 shape numbered by first appearance; the probes of step t for all groups drawn as one
-``v = jax.random.normal(fold_in(key, t), (n,))``, ``n`` the sum over groups of
-``p k a b`` (``p k b`` for shared probes and probe columns), group g's the g-th block of
-``v``, reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
+``v = jax.random.normal(fold_in(wrap_key_data([key, key], impl="unsafe_rbg"), t), (n,))``,
+``n`` the sum over groups of ``p k a b`` (``p k b`` for shared probes and probe
+columns), group g's the g-th block of ``v``, reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
 
 The lore_jax extensions are written from the spec in the greedylore module docstring:
 basis tracking (``tracking="power"``: ``Y = mean_i H_i qr(Q)``, ``T = qr(Y)``, the old
@@ -24,6 +24,7 @@ matrices, ties to the lower flat index ``m a + j``).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -104,7 +105,9 @@ class GreedyLoreReference:
                 (self.num_probes, k, a, b)
 
         sizes = [int(np.prod(block(g))) for g in range(len(self.shapes))]
-        v = np.asarray(jax.random.normal(jax.random.fold_in(self.key, self.t), (sum(sizes),)),
+        rbg = jax.random.wrap_key_data(jnp.concatenate([self.key, self.key]),
+                                       impl="unsafe_rbg")
+        v = np.asarray(jax.random.normal(jax.random.fold_in(rbg, self.t), (sum(sizes),)),
                        np.float64)
         g = self.group[name]
         start = sum(sizes[:g])
