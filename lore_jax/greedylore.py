@@ -316,10 +316,13 @@ def probe_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
 
     ``key`` is the transform's raw ``uint32[2]`` key. The probes are drawn with XLA's own
     bit generator (``RngBitGenerator``) rather than threefry: on XLA:CPU, threefry's
-    ``fold_in`` and draw each compile to a loop of kernels of their own, 5 of the 73
+    ``fold_in`` and draw each compile to a loop of kernels of their own, 5 of the 70
     distinct kernels of a 24-layer MLP's training step (``benchmarks/collectives.py``).
     The probes' law is unchanged (standard normal); their values are XLA's, which may
-    differ between backends.
+    differ between backends. Under ``jax.vmap`` of a step over several counts, jax's
+    batching rule for that generator draws all members' bits as one batch from the
+    first member's key, so a vmapped step's probes differ from those of the same step
+    run alone.
 
     Example:
       >>> import jax, jax.numpy as jnp
