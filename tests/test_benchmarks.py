@@ -138,7 +138,7 @@ def test_train_run_stops_at_a_held_out_lm_target(mesh):
 def test_collectives_counts_the_ops_of_each_step(tmp_path):
     collectives.main(["--out", str(tmp_path), "--mlp-layers", "3", "--width", "16",
                       "--gpt-layers", "1", "--gpt-width", "16", "--rank", "2",
-                      "--repeats", "1", "--compiles", "1", "--methods", "greedylore"])
+                      "--repeats", "1", "--compiles", "2", "--methods", "greedylore"])
     d = _written(tmp_path, "collectives")
     (mlp, gpt) = d["models"].values()
     assert (mlp["leaves"], mlp["shapes"]) == (6, 2)
@@ -162,7 +162,8 @@ def test_collectives_counts_the_ops_of_each_step(tmp_path):
             per_round = sum((r.get("compressed_step") or r["collectives"]).values())
             figures[f"{name} {r['method']}: <="] = (per_round, 5)
             figures[f"{name} {r['method']}: training"] = (
-                r["train_compile_s"] / r["dense_train_compile_s"], 2)
+                float(np.median([a / b for a, b in r["train_compile_pairs"]])), 2)
+            assert r["train_compile_s"] == min(a for a, _ in r["train_compile_pairs"])
         figures[f"{name} greedylore: first"] = (
             model["refresh_one_device_s"] / model["numpy_svd_s"], 1)
     assert len(d["checks"]) == len(figures) == 2 * 3
