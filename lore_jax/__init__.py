@@ -24,20 +24,76 @@ complexity, derived constants) and :mod:`lore_jax.problems` (test problems with 
 constants).
 """
 
-from lore_jax import compressors, problems, theory
-from lore_jax.accounting import communication, hlo_collectives
-from lore_jax.accumulate import MultiStepsState, multi_steps
-from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
-from lore_jax.data_parallel import DataParallel, data_parallel, per_device
-from lore_jax.flax_views import flax_dimension_numbers
-from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreBasis, greedylore
-from lore_jax.layout import shard_state, sharded_init, state_specs
-from lore_jax.staleness import ReuseLastState, StaleState, reuse_last, stale
-from lore_jax.subspace import DimensionNumbers
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lore_jax import cluster, compressors, problems, theory
+    from lore_jax.accounting import communication, hlo_collectives
+    from lore_jax.accumulate import MultiStepsState, multi_steps
+    from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
+    from lore_jax.data_parallel import DataParallel, data_parallel, per_device
+    from lore_jax.flax_views import flax_dimension_numbers
+    from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreBasis, greedylore
+    from lore_jax.layout import shard_state, sharded_init, state_specs
+    from lore_jax.staleness import ReuseLastState, StaleState, reuse_last, stale
+    from lore_jax.subspace import DimensionNumbers
+
+# Public names and the modules that define them, imported on first use: a process that
+# only needs the command line's parent side or the cluster launcher does not pay for
+# importing JAX (about 1.5 s), which the processes of a multi-process job each would.
+_EXPORTS = {
+    "communication": "accounting", "hlo_collectives": "accounting",
+    "MultiStepsState": "accumulate", "multi_steps": "accumulate",
+    "CompressedMeanState": "compressed_mean", "compressed_mean": "compressed_mean",
+    "DataParallel": "data_parallel", "data_parallel": "data_parallel",
+    "per_device": "data_parallel", "flax_dimension_numbers": "flax_views",
+    "GREEDYLORE_PAPER": "greedylore", "GreedyLoreBasis": "greedylore",
+    "greedylore": "greedylore", "shard_state": "layout", "sharded_init": "layout",
+    "state_specs": "layout", "ReuseLastState": "staleness", "StaleState": "staleness",
+    "reuse_last": "staleness", "stale": "staleness", "DimensionNumbers": "subspace",
+}
+
+
+class _Package(types.ModuleType):
+    """``lore_jax`` itself: importing a submodule whose name is also a public function
+    (``lore_jax.greedylore``, ``lore_jax.data_parallel``, ``lore_jax.compressed_mean``)
+    must not replace the function by the module, as Python's import system would when
+    it binds the new submodule on its package."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"lore_jax.{_EXPORTS[name]}"), name)
+    else:
+        try:
+            value = importlib.import_module(f"lore_jax.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lore_jax.{name}":
+                raise
+            raise AttributeError(f"module 'lore_jax' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cluster",
     "CompressedMeanState",
     "DataParallel",
     "DimensionNumbers",

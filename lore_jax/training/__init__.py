@@ -18,7 +18,31 @@ Example:
   >>> result = train(config)  # doctest: +SKIP
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from lore_jax.training.errors import TrainingError
-from lore_jax.training.loop import Preempted, RunResult, TrainConfig, make_mesh, train
+
+if TYPE_CHECKING:
+    from lore_jax.training.loop import Preempted, RunResult, TrainConfig, make_mesh, train
+
+_FROM_LOOP = ("Preempted", "RunResult", "TrainConfig", "make_mesh", "train")
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that the command line's supervising parent process,
+    # which imports only :mod:`~lore_jax.training.faults`, does not import JAX.
+    if name in _FROM_LOOP:
+        value = getattr(importlib.import_module("lore_jax.training.loop"), name)
+    else:
+        try:
+            value = importlib.import_module(f"lore_jax.training.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lore_jax.training.{name}":
+                raise
+            raise AttributeError(f"module 'lore_jax.training' has no attribute "
+                                 f"{name!r}") from None
+    globals()[name] = value
+    return value
 
 __all__ = ["Preempted", "RunResult", "TrainConfig", "TrainingError", "make_mesh", "train"]
