@@ -208,20 +208,33 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(zero)
 
 
-def pmean(tree: Any, axis_name: AxisName) -> Any:
-    """Mean over the data axis: one SUM all-reduce of every leaf together, then division
-    by N.
+def pmean(tree: Any, axis_name: AxisName, witness: jax.Array | None = None) -> Any:
+    """Mean over the data axis: the leaves packed into flat buffers, one SUM all-reduce
+    per buffer, then division by N.
 
-    All leaves go into a single ``psum`` (one collective op of many operands), so a round
-    of a whole model's payloads is one all-reduce. Inputs must be per-device (varying)
-    values: a replicated input would be summed N times. With ``axis_name=None`` this is
-    the identity.
+    Packing (:func:`_packed`) makes a whole model's round one all-reduce (one per dtype,
+    at most :data:`PACK_BUCKET_BYTES` each): a collective of many operands runs as one
+    operation per operand on some backends, each with its own messages and frames
+    (Gloo, the CPU backend's collectives between processes). Inputs must be per-device
+    (varying) values: a replicated input would be summed N times. With
+    ``axis_name=None`` this is the identity.
+
+    Args:
+      tree: the per-device values.
+      axis_name: the data axis.
+      witness: a replicated int32 scalar that is never negative (a step count): cut the
+        leaves back out at offsets XLA cannot fold (:func:`opaque_ints`), so that
+        same-size leaves share one compiled kernel.
+
+    Example:
+      >>> # inside jax.shard_map(..., mesh=mesh) over axis "data":
+      >>> # means = pmean({"w": grad_w, "b": grad_b}, "data")
     """
     if axis_name is None:
         return tree
     n = axis_size(axis_name)
-    summed = jax.lax.psum(tree, axis_name)
-    return jax.tree.map(lambda x: x / jnp.asarray(n, x.dtype), summed)
+    return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
+                   / jnp.asarray(n, flat.dtype), witness)
 
 
 def opaque_ints(values: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
@@ -253,18 +266,43 @@ def opaque_ints(values: Sequence[int], witness: jax.Array) -> tuple[jax.Array, .
                         lambda: tuple(jnp.int32(0) for _ in values))
 
 
+#: Largest flat buffer (bytes) that :func:`pmean` and :func:`all_gather_packed` copy
+#: leaves into; larger leaves are sent as they are. Bounds the memory of the copy; above
+#: a few megabytes an operation's fixed cost on the wire is negligible.
+PACK_BUCKET_BYTES = 32 << 20
+
+
+def _buckets(leaves: list[Any]) -> list[list[int]]:
+    """Indices of ``leaves`` in buckets of one dtype and one set of varying axes, in
+    order, each at most :data:`PACK_BUCKET_BYTES` (a larger leaf alone)."""
+    open_: dict[tuple, list[int]] = {}
+    sizes: dict[tuple, int] = {}
+    out: list[list[int]] = []
+    for i, x in enumerate(leaves):
+        key = (jnp.dtype(x.dtype), varying_axes(x))
+        nbytes = int(np.prod(np.shape(x), dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+        if key not in open_ or sizes[key] + nbytes > PACK_BUCKET_BYTES:
+            open_[key], sizes[key] = [], 0
+            out.append(open_[key])
+        open_[key].append(i)
+        sizes[key] += nbytes
+    return out
+
+
 def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array],
             witness: jax.Array | None = None) -> Any:
-    """``collective`` applied to the leaves packed into one flat buffer per dtype and per
-    set of mesh axes they vary over; its result keeps any leading axes it adds (an
-    all-gather's ``N``) in front of every leaf's shape. With a ``witness``
-    (:func:`opaque_ints`) the leaves are cut back out at offsets XLA cannot fold."""
+    """``collective`` applied to the leaves packed into flat buffers (:func:`_buckets`);
+    its result keeps any leading axes it adds (an all-gather's ``N``) in front of every
+    leaf's shape. With a ``witness`` (:func:`opaque_ints`) the leaves are cut back out at
+    offsets XLA cannot fold."""
     leaves, treedef = jax.tree.flatten(tree)
-    buckets: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        buckets.setdefault((jnp.dtype(x.dtype), varying_axes(x)), []).append(i)
     out: list[Any] = [None] * len(leaves)
-    for members in buckets.values():
+    for members in _buckets(leaves):
+        if len(members) == 1:
+            x = leaves[members[0]]
+            flat = collective(jnp.ravel(x))
+            out[members[0]] = flat.reshape(flat.shape[:-1] + np.shape(x))
+            continue
         flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in members]))
         sizes = [leaves[i].size for i in members]
         starts = np.cumsum([0] + sizes[:-1])
@@ -276,28 +314,41 @@ def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array],
     return treedef.unflatten(out)
 
 
-def pmean_packed(tree: Any, axis_name: AxisName, witness: jax.Array | None = None) -> Any:
-    """:func:`pmean` with the leaves packed into one flat buffer per dtype (and per set of
-    other mesh axes they vary over): exactly one all-reduce per buffer, whatever XLA's
-    combiner would make of many small ones. For the small payloads of a compression
-    round. Each leaf is cut back out of the buffer: at constant offsets one distinct
-    kernel per leaf (which XLA:CPU compiles one by one), or, given a ``witness``, at
-    offsets XLA cannot fold (:func:`opaque_ints`), where same-size leaves share one.
-    """
-    if axis_name is None:
-        return tree
-    n = axis_size(axis_name)
-    return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
-                   / jnp.asarray(n, flat.dtype), witness)
-
-
 def all_gather_packed(tree: Any, axis_name: AxisName, witness: jax.Array | None = None
                       ) -> Any:
-    """:func:`all_gather` with the leaves packed as in :func:`pmean_packed`: one
-    all-gather per buffer."""
+    """:func:`all_gather` with the leaves packed as in :func:`pmean`, whatever their
+    dtypes: an all-gather moves bits without arithmetic, so every leaf travels as its
+    bytes (``bitcast_convert_type`` to ``uint8``) in one buffer, and a step's payloads of
+    several dtypes (values and packed indices) are one all-gather.
+
+    Returns every leaf with a leading axis of N, identical on every device.
+    """
     if axis_name is None:
         return jax.tree.map(lambda x: x[None], tree)
-    return _packed(tree, lambda flat: all_gather(flat, axis_name), witness)
+    leaves, treedef = jax.tree.flatten(tree)
+    as_bytes = _packed([_to_bytes(x) for x in leaves],
+                       lambda flat: all_gather(flat, axis_name), witness)
+    return treedef.unflatten([_from_bytes(b, x) for b, x in zip(as_bytes, leaves,
+                                                                 strict=True)])
+
+
+def _to_bytes(x: jax.Array) -> jax.Array:
+    """``x``'s bytes, ``uint8`` of shape ``x.shape + (itemsize,)`` (booleans as 0/1)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    out = jax.lax.bitcast_convert_type(x, jnp.uint8)
+    return out if out.ndim > x.ndim else out[..., None]
+
+
+def _from_bytes(b: jax.Array, like: jax.Array) -> jax.Array:
+    """The inverse of :func:`_to_bytes` for ``b`` with extra leading axes (``(N, ...)``)."""
+    dtype = jnp.result_type(like)
+    if dtype == jnp.bool_:
+        return b[..., 0].astype(jnp.bool_)
+    if jnp.dtype(dtype).itemsize == 1:
+        b = b[..., 0]
+    return jax.lax.bitcast_convert_type(b, dtype)
 
 
 def all_gather(tree: Any, axis_name: AxisName) -> Any:

@@ -13,7 +13,8 @@ Matrix compressors with ``groups`` (PowerSGD, random projection, greedy SVD) tak
 middle three arrows for the whole model at once (``_send_grouped``): same-shape matrices
 stacked, each collective round packed into one buffer and the dense leaves in one
 ``psum``, so a step's collectives do not grow with the number of leaves. The others take
-them leaf by leaf (``_send_leaf``).
+them leaf by leaf (``_send_leaves``), the payloads of all leaves again packed into one
+collective.
 """
 
 from __future__ import annotations
@@ -60,39 +61,58 @@ class CompressedMeanState(NamedTuple):
     PER_DEVICE_FIELDS = ("error",)
 
 
-def _communicate(
-    compressor: Compressor, key: jax.Array, x: jax.Array, cstate: Any,
-    axis_name: collectives.AxisName,
-) -> tuple[jax.Array, jax.Array, Any, int | jax.Array]:
-    """Compress -> collective -> decompress for one leaf.
+class _Piece(NamedTuple):
+    """One array a leaf is compressed as (the leaf, or one of its matrices)."""
 
-    Returns:
-      ``(c_local, c_bar, cstate, nbits)``: this device's reconstruction, the mean over
-      devices of the reconstructions (identical on every device), the new compressor
-      state and the bits this device sent.
+    leaf: int
+    compressor: Compressor
+    key: jax.Array
+    x: jax.Array
+    state: Any
+
+
+def _exchange(pieces: list[_Piece], axis_name: collectives.AxisName,
+              count: jax.Array) -> list[tuple[jax.Array, jax.Array, Any, int | jax.Array]]:
+    """Compress -> collective -> decompress for every piece of every leaf at once.
+
+    Linear compressors' payloads are averaged, the others' all-gathered and each
+    device's decompressed and averaged; either way the payloads of all pieces travel
+    packed into one buffer per dtype (:func:`lore_jax.collectives.pmean`,
+    :func:`~lore_jax.collectives.all_gather_packed`), so a step's collectives do not
+    grow with the number of leaves.
+
+    Returns per piece ``(c_local, c_bar, state, nbits)``: this device's reconstruction,
+    the mean over devices of the reconstructions (identical on every device), the new
+    compressor state and the bits this device sent.
     """
 
-    def mean(tree):
-        return collectives.pmean(tree, axis_name)
+    def mean(tree):   # a compressor's inner rounds (PowerSGD's first factor)
+        return collectives.pmean(tree, axis_name, count)
 
-    payload, ctx = compressor.compress(key, x, cstate, mean)
-    c_local = compressor.decompress(payload, ctx)
-    nbits = compressor.payload_bits(payload, ctx)
-    if compressor.linear:
-        mean_payload = mean(payload)
-        c_bar = compressor.decompress(mean_payload, ctx)
-        return c_local, c_bar, compressor.next_state(cstate, mean_payload, ctx), nbits
-
-    def decompress(p):
-        return compressor.decompress(p, ctx)
-
-    gathered = collectives.all_gather(payload, axis_name)
-    c_bar = jnp.mean(jax.vmap(decompress)(gathered), axis=0)
-    if not isinstance(nbits, int):
-        # A variable-length all-gather pads every device's slot to the longest message;
-        # the gathered payloads give its length on every device.
-        nbits = jnp.max(jax.vmap(lambda p: compressor.payload_bits(p, ctx))(gathered))
-    return c_local, c_bar, cstate, nbits
+    sent = [p.compressor.compress(p.key, p.x, p.state, mean) for p in pieces]
+    linear = [n for n, p in enumerate(pieces) if p.compressor.linear]
+    other = [n for n, p in enumerate(pieces) if not p.compressor.linear]
+    means = dict(zip(linear, mean([sent[n][0] for n in linear]), strict=True))
+    gathered = dict(zip(other, collectives.all_gather_packed(
+        [sent[n][0] for n in other], axis_name, count), strict=True))
+    out = []
+    for n, (p, (payload, ctx)) in enumerate(zip(pieces, sent, strict=True)):
+        q = p.compressor
+        c_local = q.decompress(payload, ctx)
+        nbits = q.payload_bits(payload, ctx)
+        if q.linear:
+            out.append((c_local, q.decompress(means[n], ctx),
+                        q.next_state(p.state, means[n], ctx), nbits))
+            continue
+        c_bar = jnp.mean(jax.vmap(lambda g, q=q, ctx=ctx: q.decompress(g, ctx))(gathered[n]),
+                         axis=0)
+        if not isinstance(nbits, int):
+            # A variable-length all-gather pads every device's slot to the longest
+            # message; the gathered payloads give its length on every device.
+            nbits = jnp.max(jax.vmap(lambda g, q=q, ctx=ctx: q.payload_bits(g, ctx))(
+                gathered[n]))
+        out.append((c_local, c_bar, p.state, nbits))
+    return out
 
 
 class _Leaf(NamedTuple):
@@ -163,19 +183,29 @@ def _init_leaf(leaf: _Leaf, key: jax.Array, x: Any) -> Any:
     return collectives.vary_like(state, x)
 
 
-def _send_leaf(leaf: _Leaf, key: jax.Array, x: jax.Array, cstate: Any,
-               axis_name: collectives.AxisName) -> tuple[jax.Array, jax.Array, Any, list]:
-    """Compress -> collective -> decompress for every matrix (or the whole) of one leaf.
+def _send_leaves(plans: list[_Leaf], keys: list[jax.Array], xs: list[jax.Array],
+                 cstates: list[Any], axis_name: collectives.AxisName, count: jax.Array
+                 ) -> list[tuple[jax.Array, jax.Array, Any, list]]:
+    """Compress -> collective -> decompress for every matrix (or the whole) of every leaf
+    (:func:`_exchange`).
 
-    Returns ``(c_local, c_bar, cstate, nbits)`` for the leaf; ``nbits`` lists each piece's.
+    Returns per leaf ``(c_local, c_bar, cstate, nbits)``; ``nbits`` lists each piece's.
     """
-    pieces = _pieces(x, leaf.view)
-    states = [cstate] if len(pieces) == 1 else list(cstate)
-    results = [_communicate(leaf.compressor, k, p, s, axis_name) for k, p, s in
-               zip(_matrix_keys(key, leaf.view), pieces, states, strict=True)]
-    c_local, c_bar, new_states, nbits = (list(r) for r in zip(*results, strict=True))
-    new_state = new_states[0] if len(pieces) == 1 else tuple(new_states)
-    return (_unpieces(c_local, leaf.view), _unpieces(c_bar, leaf.view), new_state, nbits)
+    pieces = []
+    for i, (leaf, key, x, cstate) in enumerate(zip(plans, keys, xs, cstates, strict=True)):
+        parts = _pieces(x, leaf.view)
+        states = [cstate] if len(parts) == 1 else list(cstate)
+        pieces += [_Piece(i, leaf.compressor, k, p, st) for k, p, st in
+                   zip(_matrix_keys(key, leaf.view), parts, states, strict=True)]
+    results = _exchange(pieces, axis_name, count)
+    out = []
+    for i, leaf in enumerate(plans):
+        mine = [r for p, r in zip(pieces, results, strict=True) if p.leaf == i]
+        c_local, c_bar, new_states, nbits = (list(r) for r in zip(*mine, strict=True))
+        new_state = new_states[0] if len(mine) == 1 else tuple(new_states)
+        out.append((_unpieces(c_local, leaf.view), _unpieces(c_bar, leaf.view), new_state,
+                    nbits))
+    return out
 
 
 class _Slot(NamedTuple):
@@ -307,7 +337,7 @@ def _init_groups(compressor: Compressor, plans: list[_Leaf], key: jax.Array,
 def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.AxisName,
                 count: jax.Array) -> tuple[list, list, list, int]:
     """Compress -> collective -> decompress for every group at once, each round (inner
-    ones included) in one packed collective (:func:`lore_jax.collectives.pmean_packed`:
+    ones included) in one packed collective (:func:`lore_jax.collectives.pmean`:
     one buffer, so one op however many groups).
 
     Returns ``(c_local, c_bar, states, bits)``: per group the local and mean
@@ -316,7 +346,7 @@ def _round_trip(compressor: Compressor, st: _Stacks, axis_name: collectives.Axis
     groups = compressor.groups
 
     def mean(tree):   # one all-reduce per round for the whole model
-        return collectives.pmean_packed(tree, axis_name, count)
+        return collectives.pmean(tree, axis_name, count)
 
     payloads, shared = groups.compress(st.keys, st.ms, st.states, mean)
     c_local = [groups.decompress(p, sh) for p, sh in zip(payloads, shared, strict=True)]
@@ -364,7 +394,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
         c_local, c_bar, states, bits = groups.communicate(st.ms, st.states, count)
     else:
         c_local, c_bar, states, bits = _round_trip(compressor, st, axis_name, count)
-    dense_bar = collectives.pmean(st.dense, axis_name)
+    dense_bar = collectives.pmean(st.dense, axis_name, count)
     where = {g: n for n, g in enumerate(st.order)}
     positions = collectives.opaque_ints(range(max((m.shape[0] for m in st.ms), default=0)),
                                         count)
@@ -658,8 +688,8 @@ def _send(compressor: Compressor, plans: list[_Leaf], bases: tuple[jax.Array, ja
     if groups is None:
         keys = [jax.random.fold_in(bases[0] if leaf.compressor.linear else bases[1], i)
                 for i, leaf in enumerate(plans)]
-        sent = [_send_leaf(leaf, k, x, cs, axis_name) for leaf, k, x, cs in
-                zip(plans, keys, sends, cstate_def.flatten_up_to(cstate), strict=True)]
+        sent = _send_leaves(plans, keys, sends, cstate_def.flatten_up_to(cstate), axis_name,
+                            count)
         return ([(loc, bar, n) for loc, bar, _, n in sent],
                 cstate_def.unflatten([cs for _, _, cs, _ in sent]), [], None)
     base = bases[0] if compressor.linear else bases[1]

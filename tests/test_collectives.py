@@ -33,8 +33,8 @@ def test_all_finite_flags_exactly_the_non_finite_entries(bad):
 
 
 @pytest.mark.parametrize("witness", [False, True], ids=["constant cuts", "opaque cuts"])
-@pytest.mark.parametrize("name", ["pmean_packed", "all_gather_packed"])
-def test_packed_collectives_are_one_op_per_dtype_and_equal_numpy(mesh, name, witness):
+@pytest.mark.parametrize("name", ["pmean", "all_gather_packed"])
+def test_packed_collectives_are_one_op_per_buffer_and_equal_numpy(mesh, name, witness):
     rng = np.random.default_rng(1)
     shapes = [(3, 4), (5,), (2, 2, 2), (), (5,)]
     xs = [rng.standard_normal((N,) + s).astype(np.float32) for s in shapes]
@@ -51,18 +51,22 @@ def test_packed_collectives_are_one_op_per_dtype_and_equal_numpy(mesh, name, wit
     xs = put(xs, mesh)
     got = step(*xs)
     for x, g in zip(xs, got, strict=True):
-        want = np.mean(np.asarray(x, np.float32), axis=0) if name == "pmean_packed" \
+        want = np.mean(np.asarray(x, np.float32), axis=0) if name == "pmean" \
             else np.asarray(x, np.float32)
         tol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-6
         np.testing.assert_allclose(np.asarray(g, np.float32), want, rtol=tol, atol=tol)
     cols = hlo_collectives(step.lower(*xs).compile().as_text())
-    kind = "all-reduce" if name == "pmean_packed" else "all-gather"
+    kind = "all-reduce" if name == "pmean" else "all-gather"
     assert {c["op"] for c in cols} == {kind}
-    # One flat buffer of the float32 leaves (12 + 5 + 8 + 1 + 5 entries), one of bfloat16
-    # (XLA may put both into one tuple-shaped op, and XLA:CPU widens the bfloat16 one).
-    lead = () if name == "pmean_packed" else (N,)
-    assert sorted(dims for c in cols for _, dims in c["shapes"]) == [lead + (6,),
-                                                                     lead + (31,)]
+    shapes = sorted((dt, dims) for c in cols for dt, dims in c["shapes"])
+    if name == "pmean":
+        # One flat buffer of the float32 leaves (12 + 5 + 8 + 1 + 5 entries), one of
+        # bfloat16 (XLA may put both into one tuple-shaped op, and XLA:CPU widens the
+        # bfloat16 one).
+        assert [dims for _, dims in shapes] == [(6,), (31,)]
+    else:
+        # An all-gather moves bytes: every leaf in one uint8 buffer, 31 * 4 + 6 * 2.
+        assert shapes == [("u8", (N, 31 * 4 + 6 * 2))]
 
 
 def test_opaque_ints_are_the_values_and_cuts_at_them_share_a_kernel():

@@ -75,6 +75,15 @@ def loss_and_metrics(kind: str, outputs: jax.Array, targets: jax.Array,
     return loss_sum, metrics
 
 
+def _psum_scalars(metrics: Metrics, axis_name: Hashable) -> Metrics:
+    """The sums over the axis of float32 scalars, in one all-reduce of one buffer (a
+    collective of several operands is several operations on some backends)."""
+    names = sorted(metrics)
+    summed = jax.lax.psum(jnp.stack([metrics[k].astype(jnp.float32) for k in names]),
+                          axis_name)
+    return {k: summed[i] for i, k in enumerate(names)}
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     kind: str,
@@ -114,7 +123,7 @@ def make_train_step(
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(local)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        totals = jax.tree.map(lambda v: jax.lax.psum(v, axis_name), metrics)
+        totals = _psum_scalars(metrics, axis_name)
         count = totals.pop("count")
         return params, opt_state, {k: v / count for k, v in totals.items()}
 
@@ -138,7 +147,7 @@ def make_eval_step(
 
     def local_eval(params, x, y, w):
         _, metrics = loss_and_metrics(kind, apply_fn(params, x), y, w)
-        return jax.tree.map(lambda v: jax.lax.psum(v, axis_name), metrics)
+        return _psum_scalars(metrics, axis_name)
 
     sharded = jax.shard_map(local_eval, mesh=mesh,
                             in_specs=(P(), P(axis_name), P(axis_name), P(axis_name)),
