@@ -72,9 +72,9 @@ def methods(rank: int, tau: int, t0: int, rate: float, fraction: float
     out.update({
         f"powersgd r={rank}": via(lambda: comps.powersgd(rank)),
         f"random projection r={rank}": via(lambda: comps.random_projection(rank)),
-        f"top-k {pct}": via(lambda: common.per_leaf(comps.top_k, fraction, f"top_k {pct}")),
-        f"random-k {pct} (shared seed)": via(lambda: common.per_leaf(
-            lambda k: comps.random_k(k, shared_seed=True), fraction, f"random_k {pct}")),
+        f"top-k {pct}": via(lambda: comps.top_k(fraction=fraction)),
+        f"random-k {pct} (shared seed)": via(
+            lambda: comps.random_k(fraction=fraction, shared_seed=True)),
         "qsgd 4-bit (s=7, B=512)": via(lambda: comps.qsgd(7, bucket_size=512)),
         "terngrad": via(lambda: comps.terngrad()),
         "scaled sign": via(lambda: comps.scaled_sign()),

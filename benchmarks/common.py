@@ -206,31 +206,6 @@ def compressors_module() -> Any | None:
     return compressors, compressed_mean
 
 
-def per_leaf(make: Callable[[int], Any], fraction: float, name: str) -> Any:
-    """A compressor whose integer parameter is ``max(1, round(fraction * d))`` per leaf.
-
-    ``top_k(k)`` and ``random_k(k)`` keep the same ``k`` in every leaf; benchmarks over
-    layers of very different sizes keep a fixed *fraction* instead. Every function of the
-    wrapped compressor sees the leaf's static shape, so the inner compressor is built
-    at trace time.
-    """
-    from lore_jax.compressors import Compressor
-
-    def inner(shape):
-        return make(max(1, int(round(fraction * int(np.prod(shape))))))
-
-    probe = make(1)
-    return Compressor(
-        name=name, kind=probe.kind, linear=probe.linear,
-        compress=lambda key, x, state=None, mean=None: inner(x.shape).compress(
-            key, x, state, mean),
-        decompress=lambda payload, ctx: inner(ctx.shape).decompress(payload, ctx),
-        bits=lambda shape, dtype=jnp.float32: inner(shape).bits(shape, dtype),
-        payload_bits=lambda payload, ctx: inner(ctx.shape).payload_bits(payload, ctx),
-        constant=lambda shape, v: inner(shape).constant(shape, v),
-    )
-
-
 def with_dense(tx: optax.GradientTransformation, dense_mask: Any,
                axis_name: Hashable = AXIS) -> optax.GradientTransformation:
     """``tx`` on the leaves where ``dense_mask`` is False, a dense mean on the others.
@@ -420,16 +395,8 @@ def _reached(out: dict[str, Any], step: int, target: float, metric: str, window:
 
 
 def eval_subset(dataset, n: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` test examples evenly spaced over the test set (all of it when ``n`` is ``None``
-    or at least its size): a fixed subset, so every evaluation sees the same examples.
-
-    On ``lm`` the test windows are the held-out files in order, so the subset spans them.
-    """
-    x, y = dataset.x_test, dataset.y_test
-    if n is None or n >= len(x):
-        return x, y
-    idx = np.linspace(0, len(x) - 1, max(1, n)).round().astype(np.int64)
-    return x[idx], y[idx]
+    """``n`` test examples evenly spaced over the test set (:meth:`Dataset.test_subset`)."""
+    return dataset.test_subset(n)
 
 
 def task_setup(task: str, mesh, *, model: str | None = None, seed: int = 0,

@@ -99,9 +99,9 @@ def methods(rank: int, tau: int, warmup: int, fraction: float, seed: int
     out.update({
         f"powersgd r={rank}": via(comps.powersgd(rank)),
         f"random projection r={rank}": via(comps.random_projection(rank)),
-        f"top-k {pct}": via(common.per_leaf(comps.top_k, fraction, f"top_k {pct}")),
-        f"random-k {pct} (shared seed)": via(common.per_leaf(
-            lambda k: comps.random_k(k, shared_seed=True), fraction, f"random_k {pct}")),
+        f"top-k {pct}": via(comps.top_k(fraction=fraction)),
+        f"random-k {pct} (shared seed)": via(
+            comps.random_k(fraction=fraction, shared_seed=True)),
         "qsgd 4-bit (s=7, B=512)": via(comps.qsgd(7, bucket_size=512)),
         "terngrad": via(comps.terngrad()),
         "scaled sign": via(comps.scaled_sign()),

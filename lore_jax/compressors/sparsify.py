@@ -19,8 +19,27 @@ def _scatter(values: jax.Array, idx: jax.Array, d: int) -> jax.Array:
     return jnp.zeros((d,), values.dtype).at[idx].set(values)
 
 
-def _sparse(name: str, kind: str, linear: bool, k: int, select, scale: bool, constant):
-    """A sparsifier keeping ``k`` entries chosen by ``select(key, v) -> idx``.
+def _entries(k: int | None, fraction: float | None):
+    """``d -> k``: the entries a sparsifier keeps of a leaf of ``d`` entries (``k``, or
+    ``max(1, round(fraction * d))``), after checking that exactly one is given."""
+    if (k is None) == (fraction is None):
+        raise ValueError(f"give exactly one of k (entries per leaf) and fraction (of each "
+                         f"leaf's entries); got k={k!r}, fraction={fraction!r}.")
+    if k is not None:
+        base.check_int("k", k)
+        return lambda d: k
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+    return lambda d: max(1, int(round(fraction * d)))
+
+
+def _describe(k: int | None, fraction: float | None) -> str:
+    return f"k={k}" if k is not None else f"fraction={fraction:g}"
+
+
+def _sparse(name: str, kind: str, linear: bool, k_of, select, scale: bool, constant):
+    """A sparsifier keeping ``k = k_of(d)`` entries chosen by ``select(key, v, k) -> idx``.
 
     ``linear`` (shared seed): ``idx`` stays in the context and only values are sent;
     otherwise the payload is ``(values, packed indices)``. ``scale`` multiplies the values
@@ -29,10 +48,12 @@ def _sparse(name: str, kind: str, linear: bool, k: int, select, scale: bool, con
 
     def compress(key, x, state=None, mean=None):
         del state, mean
-        if x.size <= k:
+        d = x.size
+        k = k_of(d)
+        if d <= k:
             return base.DENSE.compress(key, x)
-        v, d = base.flat(x), x.size
-        idx = select(key, v)
+        v = base.flat(x)
+        idx = select(key, v, k)
         values = v[idx] * (d / k) if scale else v[idx]
         if linear:
             return values, base.context(x, idx)
@@ -40,6 +61,7 @@ def _sparse(name: str, kind: str, linear: bool, k: int, select, scale: bool, con
 
     def decompress(payload, ctx):
         d = base.size(ctx.shape)
+        k = k_of(d)
         if d <= k:
             return base.DENSE.decompress(payload, ctx)
         if linear:
@@ -50,17 +72,19 @@ def _sparse(name: str, kind: str, linear: bool, k: int, select, scale: bool, con
 
     def bits(shape, dtype=jnp.float32):
         d = base.size(shape)
+        k = k_of(d)
         if d <= k:
             return base.DENSE.bits(shape, dtype)
         return 32 * k + 32 if linear else k * (32 + packing.index_bits(d))
 
     return Compressor(
         name=name, kind=kind, linear=linear, compress=compress, decompress=decompress,
-        bits=bits, constant=constant,
+        bits=bits, constant=lambda shape, v: constant(shape, v, k_of(base.size(shape))),
     )
 
 
-def random_k(k: int, *, shared_seed: bool = False) -> Compressor:
+def random_k(k: int | None = None, *, fraction: float | None = None,
+             shared_seed: bool = False) -> Compressor:
     """Random-k sparsification: ``k`` uniformly chosen entries, scaled by ``d / k``.
 
     ``Q(v) = (d/k) sum_{i in S} v_i e_i`` with ``S`` a uniform ``k``-subset of ``[d]``:
@@ -75,6 +99,8 @@ def random_k(k: int, *, shared_seed: bool = False) -> Compressor:
 
     Args:
       k: entries kept per leaf, ``>= 1``.
+      fraction: instead of ``k``, the share of each leaf's entries to keep: ``k =
+        max(1, round(fraction * d))`` for a leaf of ``d`` entries.
       shared_seed: draw ``S`` from the shared key. Every device then keeps the same
         entries, so the compressor is linear and its payloads are all-reduced; the
         compression noise is shared rather than independent across devices.
@@ -93,20 +119,20 @@ def random_k(k: int, *, shared_seed: bool = False) -> Compressor:
       >>> q.bits((16,)), q.alpha((16,))
       (144, 4.0)
     """
-    base.check_int("k", k)
+    k_of = _entries(k, fraction)
 
-    def select(key, v):
+    def select(key, v, k):
         return jax.lax.top_k(jax.random.uniform(key, v.shape), k)[1]
 
-    def constant(shape, v):
+    def constant(shape, v, k):
         d = base.size(shape)
         return d / k if d > k else 1.0
 
-    name = f"random_k(k={k}{', shared_seed' if shared_seed else ''})"
-    return _sparse(name, "unbiased", shared_seed, k, select, True, constant)
+    name = f"random_k({_describe(k, fraction)}{', shared_seed' if shared_seed else ''})"
+    return _sparse(name, "unbiased", shared_seed, k_of, select, True, constant)
 
 
-def top_k(k: int) -> Compressor:
+def top_k(k: int | None = None, *, fraction: float | None = None) -> Compressor:
     """Top-k sparsification: keeps the ``k`` entries of largest magnitude.
 
     ``Q(v) = sum_{i in S} v_i e_i`` with ``S`` the ``k`` largest ``|v_i|`` (ties: lower
@@ -119,6 +145,9 @@ def top_k(k: int) -> Compressor:
 
     Args:
       k: entries kept per leaf, ``>= 1``.
+      fraction: instead of ``k``, the share of each leaf's entries to keep: ``k =
+        max(1, round(fraction * d))`` for a leaf of ``d`` entries (``fraction=0.01``:
+        1% of every layer).
 
     Returns:
       A :class:`Compressor` (kind ``"contractive"``, not linear: payloads are
@@ -135,14 +164,16 @@ def top_k(k: int) -> Compressor:
       >>> payload, ctx = q.compress(None, jnp.array([0.1, -3.0, 2.0, 0.5]))
       >>> q.decompress(payload, ctx)
       Array([ 0., -3.,  2.,  0.], dtype=float32)
+      >>> compressors.top_k(fraction=0.25).bits((16,))   # 4 entries, 4-bit indices
+      144
     """
-    base.check_int("k", k)
+    k_of = _entries(k, fraction)
 
-    def select(key, v):
+    def select(key, v, k):
         del key
         return jax.lax.top_k(jnp.abs(v), k)[1]
 
-    def constant(shape, v):
+    def constant(shape, v, k):
         d = base.size(shape)
         if d <= k:
             return 1.0
@@ -150,7 +181,8 @@ def top_k(k: int) -> Compressor:
             return k / d
         return jnp.minimum(1.0, k / jnp.maximum(base.nnz(v, d), 1))
 
-    return _sparse(f"top_k(k={k})", "contractive", False, k, select, False, constant)
+    return _sparse(f"top_k({_describe(k, fraction)})", "contractive", False, k_of, select,
+                   False, constant)
 
 
 def bernoulli(p: float, *, magnitude: bool = False, shared_seed: bool = False) -> Compressor:
