@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache (the lore-jax command turns it on by default): every
+# test, and every process a test starts, compiles afresh.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lore_jax.training import metrics
 from lore_jax.training.errors import causes
 
 #: Exit status of a process that stopped because another process of its job was lost
@@ -294,7 +295,8 @@ def supervise(argv: Sequence[str], job: Job, command: Sequence[str] | None = Non
     """
     status_r, status_w = os.pipe()
     stderr_fd = os.dup(2)
-    env = {**os.environ, _WORKER_ENV: f"{status_w},{stderr_fd},{os.getpid()}"}
+    env = {metrics.LAUNCH_TIME_ENV: str(metrics.launch_time()), **os.environ,
+           _WORKER_ENV: f"{status_w},{stderr_fd},{os.getpid()}"}
     command = list(command or [sys.executable, "-m", "lore_jax"])
     child = subprocess.Popen([*command, *argv], env=env,
                              pass_fds=(status_w, stderr_fd), stderr=subprocess.PIPE,

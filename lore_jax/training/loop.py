@@ -42,7 +42,8 @@ class TrainConfig:
     Attributes:
       task: a name in :data:`tasks.TASKS`.
       model: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
-      compressor: ``"dense"``, ``"greedylore"``, ``"powersgd"`` or ``"random"``.
+      compressor: a name in :data:`optimizers.COMPRESSORS` (``"dense"``, ``"greedylore"``,
+        ``"powersgd"``, ``"random"``, ``"topk"``, ``"qsgd"``, ``"sign"``).
       rank: rank of the low-rank compressors.
       devices: devices on the data axis (``None``: all).
       steps: total optimizer steps (a resumed run continues up to this number).
@@ -57,6 +58,8 @@ class TrainConfig:
         ``"matrix"``), subspace refresh (``"svd"`` or ``"subspace_iteration"``) and probes
         (``"independent"`` or ``"shared"``); ``None`` takes the default that follows
         ``tracking``. See :func:`lore_jax.greedylore`.
+      fraction: top-k's share of every leaf's entries.
+      levels: QSGD's levels.
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
       d_model, num_heads, num_layers: the transformer's width, attention heads and
@@ -64,6 +67,10 @@ class TrainConfig:
       data: a file or directory for tasks that read one.
       seq_len: tokens per example of ``lm`` and ``charlm``.
       eval_every: evaluate on the test set every this many steps (and at the end).
+      eval_examples: evaluate on this many test examples, evenly spaced over the test
+        set (``None``: all of it; :meth:`~lore_jax.training.data.Dataset.test_subset`).
+      target_loss: stop after the first evaluation whose held-out loss is at most this
+        (a ``"target"`` record in the log; checkpointed like the last step).
       log: a JSON-lines file for the metrics.
       checkpoint_dir: where to save checkpoints (at the end, and every
         ``checkpoint_every`` steps when set).
@@ -89,6 +96,8 @@ class TrainConfig:
     probes: str | None = None
     tracking: str = "range"
     allocation: str | None = None
+    fraction: float = 0.01
+    levels: int = 7
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
     d_model: int = 64
@@ -97,6 +106,8 @@ class TrainConfig:
     data: str | None = None
     seq_len: int = 64
     eval_every: int = 100
+    eval_examples: int | None = None
+    target_loss: float | None = None
     log: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
@@ -119,7 +130,8 @@ class TrainConfig:
             self, model=self.model or d.model, steps=self.steps or d.steps,
             batch_size=self.batch_size or d.batch_size,
             learning_rate=self.learning_rate or d.learning_rate, hidden=tuple(self.hidden))
-        for name in ("rank", "steps", "batch_size", "update_interval", "seq_len"):
+        for name in ("rank", "steps", "batch_size", "update_interval", "seq_len",
+                     "eval_examples"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got "
                                     f"{getattr(out, name)}.")
@@ -207,6 +219,39 @@ def _initial_params(cfg: TrainConfig, dataset: data_lib.Dataset, new_model) -> A
     return _INIT_CACHE[key]
 
 
+def _reached(record: dict[str, Any], target: float | None) -> bool:
+    """Whether an evaluation record reached the held-out ``target`` loss."""
+    return target is not None and record["test_loss"] <= target
+
+
+class _Startup:
+    """Seconds each start-up phase of a run took (``mark`` ends one), and the launch."""
+
+    def __init__(self) -> None:
+        self.launch = metrics_lib.launch_time()
+        self.phases: dict[str, float] = {"before_run_s": time.time() - self.launch}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.phases[name], self._t = now - self._t, now
+        return self.phases[name]
+
+
+class _NetCounters:
+    """This process's interface byte counters since the first step (multi-process runs)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._start = metrics_lib.interface_bytes() if enabled else None
+
+    def since_start(self) -> dict[str, int]:
+        now = metrics_lib.interface_bytes() if self._start is not None else None
+        if now is None:
+            return {}
+        return {"net_sent_bytes": now[0] - self._start[0],
+                "net_received_bytes": now[1] - self._start[1]}
+
+
 #: Options a resumed run must share with its checkpoint: they change what the saved
 #: state means (the compressor's, the optimizer's, the data order and the corpus) without
 #: changing its shapes. ``--steps`` may change (a run is continued to more steps), and so
@@ -214,7 +259,7 @@ def _initial_params(cfg: TrainConfig, dataset: data_lib.Dataset, new_model) -> A
 RESUME_SETTINGS = ("task", "model", "data", "seq_len", "compressor", "rank", "optimizer",
                    "learning_rate", "momentum", "schedule", "batch_size", "seed",
                    "error_feedback", "update_interval", "warmup_steps", "refresh", "probes",
-                   "tracking", "allocation")
+                   "tracking", "allocation", "fraction", "levels")
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -358,6 +403,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
             done[:] = [step]
         faults.report_step(step)
 
+    startup = _Startup()
     # Never overwrite a checkpoint: refuse before doing anything else.
     ckpt, latest = None, None
     if cfg.checkpoint_dir:
@@ -383,6 +429,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
         raise TrainingError(f"--batch-size {cfg.batch_size} exceeds the "
                             f"{len(dataset.x_train)} training examples.")
     main_process = jax.process_index() == 0
+    startup.mark("data_s")
 
     # Model and optimizer, first as shapes and layouts only.
     tasks.check_model(cfg.model, dataset)
@@ -399,7 +446,8 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
         total_steps=cfg.steps, axis_name=AXIS,
         update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
         error_feedback=cfg.error_feedback, seed=cfg.seed, refresh=cfg.refresh,
-        probes=cfg.probes, tracking=cfg.tracking, allocation=cfg.allocation)
+        probes=cfg.probes, tracking=cfg.tracking, allocation=cfg.allocation,
+        fraction=cfg.fraction, levels=cfg.levels)
     opt_state = jax.eval_shape(lambda p: layout.sharded_init(tx, p, mesh, AXIS), params)
     specs = layout.state_specs(opt_state, AXIS)
     params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)
@@ -416,6 +464,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
         params = step_lib.replicate(_initial_params(cfg, dataset, new_model), mesh)
         opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
 
+    startup.mark("init_s")
     stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, cfg.batch_size, cfg.seed,
                                   position)
     train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
@@ -426,11 +475,10 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
         return (step_lib.global_array(xb, mesh, P(AXIS)),
                 step_lib.global_array(yb, mesh, P(AXIS)))
 
-    t0 = time.perf_counter()
     x0, y0 = (step_lib.global_array(a[:cfg.batch_size], mesh, P(AXIS))
               for a in (dataset.x_train, dataset.y_train))
     compiled = train_step.lower(params, opt_state, x0, y0).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s = startup.mark("compile_s")
 
     # A resumed run's log continues after the restored step: records of the interrupted
     # run past it are dropped, so every step appears once.
@@ -438,20 +486,25 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
                                  after_step=start if start > 0 else None)
     log.write({"event": "config", **cfg.to_json(), "start_step": start, "devices": n_dev,
                "processes": jax.process_count(), "backend": jax.default_backend(),
-               "compile_s": compile_s, "data": tasks.describe(dataset)})
+               "compile_s": compile_s, "startup": startup.phases,
+               "startup_s": time.time() - startup.launch, "data": tasks.describe(dataset)})
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
 
+    x_eval, y_eval = dataset.test_subset(cfg.eval_examples)
+
     def run_eval(step: int) -> dict[str, Any]:
-        m = step_lib.evaluate(eval_step, params, dataset.x_test, dataset.y_test, mesh, AXIS)
+        t = time.perf_counter()
+        m = step_lib.evaluate(eval_step, params, x_eval, y_eval, mesh, AXIS)
         record = {"event": "eval", "step": step,
-                  **{f"test_{k}": v for k, v in m.items()}}
+                  **{f"test_{k}": v for k, v in m.items()}, "eval_s": time.perf_counter() - t}
         evals.append(record)
         log.write(record)
         return record
 
-    train_time = 0.0
+    train_time, last_step = 0.0, start
     comm = accounting.communication(opt_state)
+    net = _NetCounters(jax.process_count() > 1)
     with metrics_lib.progress_bar(cfg.progress and main_process) as bar:
         task_id = bar.add_task(f"{cfg.compressor} {cfg.task}", total=cfg.steps,
                                completed=start, status="")
@@ -463,14 +516,17 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
             dt = time.perf_counter() - t
             train_time += dt
             comm = accounting.communication(opt_state)
-            record = {"event": "train", "step": step, **m, **comm, "step_time": dt}
+            record = {"event": "train", "step": step, **m, **comm, "step_time": dt,
+                      "wall_s": time.time() - startup.launch, **net.since_start()}
             history.append(record)
             log.write(record)
             finished(step)
+            last_step = step
+            reached = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                run_eval(step)
-            preempted = step < cfg.steps and stop(step)
-            if ckpt is not None and (step == cfg.steps or preempted or (
+                reached = _reached(run_eval(step), cfg.target_loss)
+            preempted = step < cfg.steps and not reached and stop(step)
+            if ckpt is not None and (step == cfg.steps or reached or preempted or (
                     cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 ckpt.save(step, params, opt_state, {
                     "position": list(stream.position), "config": cfg.to_json()})
@@ -484,12 +540,16 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
             ratio = comm["bits_dense"] / max(comm["bits_sent"], 1)
             bar.update(task_id, advance=1,
                        status=f"loss {m['loss']:.4f}  {ratio:.1f}x fewer bits")
-    final_eval = evals[-1] if evals and evals[-1]["step"] == cfg.steps else run_eval(cfg.steps)
+            if reached:
+                log.write({"event": "target", "step": step, "target_loss": cfg.target_loss,
+                           "test_loss": evals[-1]["test_loss"], "wall_s": record["wall_s"]})
+                break
+    final_eval = evals[-1] if evals and evals[-1]["step"] == last_step else run_eval(last_step)
     if ckpt is not None:
         ckpt.close()
 
     summary = {
-        "steps": cfg.steps, "start_step": start, "devices": n_dev,
+        "steps": last_step, "start_step": start, "devices": n_dev,
         "processes": jax.process_count(),
         "train_loss": history[-1]["loss"] if history else None,
         **{k: v for k, v in final_eval.items() if k.startswith("test_")},

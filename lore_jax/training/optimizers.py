@@ -8,7 +8,10 @@ base optimizer (Adam or SGD):
   (:func:`lore_jax.collectives.pmean`) that counts the bits it sends;
 * ``greedylore``: :func:`lore_jax.greedylore`;
 * ``powersgd`` and ``random``: :func:`lore_jax.compressed_mean` with the PowerSGD and
-  random low-rank projection compressors of :mod:`lore_jax.compressors`.
+  random low-rank projection compressors of :mod:`lore_jax.compressors` (all-reduced);
+* ``topk``, ``qsgd`` and ``sign``: :func:`lore_jax.compressed_mean` with top-k of a
+  ``fraction`` of every leaf, QSGD with ``levels`` levels per bucket of 512 entries, and
+  the scaled sign (all-gathered; with error feedback, the last is EF-SignSGD).
 
 Any other optax chain works with the training step too, as long as it averages the
 gradients over the axis before updating.
@@ -27,7 +30,9 @@ from lore_jax.compressed_mean import compressed_mean
 from lore_jax.greedylore import greedylore
 from lore_jax.training.errors import TrainingError
 
-COMPRESSORS = ("dense", "greedylore", "powersgd", "random")
+COMPRESSORS = ("dense", "greedylore", "powersgd", "random", "topk", "qsgd", "sign")
+#: QSGD's bucket: one norm per this many entries.
+QSGD_BUCKET = 512
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -119,6 +124,8 @@ def make_optimizer(
     probes: str | None = None,
     tracking: str = "range",
     allocation: str | None = None,
+    fraction: float = 0.01,
+    levels: int = 7,
 ) -> optax.GradientTransformation:
     """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``.
 
@@ -141,6 +148,8 @@ def make_optimizer(
         paper's) or ``"shared"`` (one per matrix; cheaper selection at small batches).
       tracking, allocation: GreedyLore's basis tracking (``"range"``, ``"power"`` or
         ``"off"``: the paper's) and allocation (``"group"`` or ``"matrix"``).
+      fraction: top-k's share of every leaf's entries.
+      levels: QSGD's levels ``s`` (``1 + ceil(log2(s + 1))`` bits per entry).
 
     Returns:
       An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
@@ -159,12 +168,20 @@ def make_optimizer(
                        key=seed, refresh=refresh, probes=probes, tracking=tracking,
                        allocation=allocation),
             base)
-    if compressor in ("powersgd", "random"):
-        factory = {"powersgd": compressors.powersgd,
-                   "random": compressors.random_projection}[compressor]
+    factories = {
+        "powersgd": lambda: compressors.powersgd(rank),
+        "random": lambda: compressors.random_projection(rank),
+        "topk": lambda: compressors.top_k(fraction=fraction),
+        "qsgd": lambda: compressors.qsgd(levels, bucket_size=QSGD_BUCKET),
+        "sign": compressors.scaled_sign,
+    }
+    if compressor in factories:
+        try:
+            q = factories[compressor]()
+        except ValueError as e:
+            raise CompressorError(f"{compressor}: {e}") from None
         return optax.chain(
-            compressed_mean(factory(rank), axis_name=axis_name, error_feedback=error_feedback,
-                            key=seed),
+            compressed_mean(q, axis_name=axis_name, error_feedback=error_feedback, key=seed),
             base)
     raise CompressorError(
         f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}.")
