@@ -7,6 +7,7 @@ Usage::
         [--steps N --lr LR --optimizer adam|sgd --seed S --log FILE \\
          --checkpoint-dir DIR [--checkpoint-every K] --resume]
     lore-jax compare --task digits [--compressors dense,greedylore,powersgd,random --out DIR]
+    lore-jax cluster --nodes 2 --rate 100mbit -- train --task lm ...  # an emulated cluster
     lore-jax train --compressor greedylore --tracking off ...   # the paper's GreedyLore
     lore-jax train --task lm --compressor greedylore \\
         [--data FILE_OR_DIR --seq-len 64 --d-model 64 --heads 4 --layers 2]
@@ -21,7 +22,8 @@ transformer's size (``--d-model``, ``--heads``, ``--layers``) applies to lm and 
 Devices: real accelerators (GPU/TPU) are used when present. Otherwise the command
 simulates ``--devices`` CPU devices (default 8) by setting
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts (an existing
-setting in ``XLA_FLAGS`` wins); it also turns off XLA's concurrency-optimised CPU
+setting in ``XLA_FLAGS`` wins, except in a multi-process job given ``--devices``, whose
+every process simulates its share); it also turns off XLA's concurrency-optimised CPU
 scheduler, which can deadlock simulated devices (see :data:`CPU_SCHEDULER_FLAG`).
 
 Multiple processes (``jax.distributed``): start the same command once per process with
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -137,11 +140,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="GreedyLore's probes: independent (one per direction) | shared (one "
                         "per matrix, cheaper at small batches) (default: shared with "
                         "tracking, independent without)")
+    g.add_argument("--fraction", type=float, default=0.01,
+                   help="topk: share of every leaf's entries sent (default: 0.01)")
+    g.add_argument("--levels", type=int, default=7,
+                   help="qsgd: quantization levels s, 1 + ceil(log2(s+1)) bits per entry "
+                        "(default: 7, 4 bits)")
     g.add_argument("--error-feedback", default="ef14", choices=("ef14", "ef21", "none"),
                    help="error feedback of the compressors (default: ef14)")
     g.add_argument("--eval-every", type=int, default=100,
                    help="evaluate on the test set every N steps (and at the end)")
+    g.add_argument("--eval-examples", type=int, default=None, metavar="N",
+                   help="evaluate on N test examples evenly spaced over the test set "
+                        "(default: all of it)")
+    g.add_argument("--target-loss", type=float, default=None, metavar="L",
+                   help="stop after the first evaluation whose held-out loss is at most L")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    g.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR so that a run of the same model "
+                        "starts without compiling again; 'off' to disable (default: "
+                        "$XDG_CACHE_HOME/lore_jax/xla, else ~/.cache/lore_jax/xla)")
 
     g = p.add_argument_group("multiple processes (jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -163,7 +181,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lore-jax`` argument parser (subcommands ``train`` and ``compare``)."""
+    """The ``lore-jax`` argument parser (subcommands ``train``, ``compare``, ``cluster``)."""
     parser = _Parser(
         prog="lore-jax",
         description="Communication-efficient data-parallel training with lore_jax. "
@@ -178,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
     g = train.add_argument_group("compression, logs and checkpoints")
     g.add_argument("--compressor", default="greedylore",
-                   help="dense | greedylore | powersgd | random (default: greedylore)")
+                   help="dense | greedylore | powersgd | random | topk | qsgd | sign "
+                        "(default: greedylore)")
     g.add_argument("--log", default=None, metavar="FILE", help="JSON-lines metrics log")
     g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="save checkpoints here (at the end, and every --checkpoint-every)")
@@ -197,7 +216,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="lore_jax_compare", metavar="DIR",
                    help="where to write compare.json, compare.png and per-run logs "
                         "(default: ./lore_jax_compare)")
+
+    cluster = sub.add_parser(
+        "cluster", help="run a job on an emulated cluster of nodes joined by shaped links",
+        description="Run one process per node of an emulated cluster on this machine: "
+                    "network namespaces joined by links of a chosen rate (Linux; root, or "
+                    "unprivileged user namespaces). Bandwidth is emulated, not latency or "
+                    "loss. The job after '--' is a lore-jax command ('train ...' or "
+                    "'compare ...', given --coordinator, --num-processes, --process-id and "
+                    "--devices per node) or any command, whose {coordinator}, {process_id}, "
+                    "{num_processes} and {address} are replaced per node.",
+        epilog="Example: lore-jax cluster --nodes 2 --rate 100mbit -- train --task lm "
+               "--compressor greedylore --no-progress")
+    g = cluster.add_argument_group("the emulated cluster")
+    g.add_argument("--nodes", type=int, default=2, help="nodes, one process each (default: 2)")
+    g.add_argument("--rate", default=None, metavar="RATE",
+                   help="every link's rate, both ways, in tc's units: 100mbit, 1gbit, "
+                        "500kbit (default: unshaped)")
+    g.add_argument("--up", default=None, metavar="RATE",
+                   help="rate of what each node sends (default: --rate)")
+    g.add_argument("--down", default=None, metavar="RATE",
+                   help="rate of what each node receives (default: --rate)")
+    g.add_argument("--devices-per-node", type=int, default=1, metavar="D",
+                   help="devices each node's process simulates (lore-jax jobs; default: 1)")
+    g.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop the nodes after S seconds (default: no limit)")
+    g.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="also write node I's output to DIR/nodeI.log")
+    g.add_argument("--check", action="store_true",
+                   help="only say whether an emulated cluster can be made here")
+    cluster.add_argument("job", nargs=argparse.REMAINDER,
+                         help="-- then the job: train ... | compare ... | any command")
     return parser
+
+
+def _run_cluster(args: argparse.Namespace) -> int:
+    from lore_jax import cluster
+
+    if args.check:
+        reason = cluster.unavailable_reason()
+        print(f"lore-jax: {reason}" if reason else "lore-jax: an emulated cluster can be made "
+              "here.", file=sys.stderr if reason else sys.stdout)
+        return EXIT_USAGE if reason else 0
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        raise _UsageError("cluster: give the job after '--', e.g. lore-jax cluster --nodes 2 "
+                          "--rate 100mbit -- train --task lm.")
+    if args.devices_per_node < 1:
+        raise _UsageError(f"--devices-per-node must be at least 1, got "
+                          f"{args.devices_per_node}.")
+    try:
+        command = (cluster.lore_jax_command(job, args.nodes, args.devices_per_node)
+                   if job[0] in ("train", "compare") else job)
+        result = cluster.run(command, nodes=args.nodes, rate=args.rate, up=args.up,
+                             down=args.down, timeout=args.timeout, log_dir=args.log_dir)
+    except cluster.ClusterError as e:
+        raise _UsageError(str(e)) from None
+    print(result.summary(), flush=True)
+    if result.timed_out:
+        return 124
+    return next((c for c in result.returncodes if c), 0)
 
 
 def _check_processes(args: argparse.Namespace) -> None:
@@ -214,6 +292,32 @@ def _check_processes(args: argparse.Namespace) -> None:
                               f"{getattr(args, name)}.")
 
 
+def compilation_cache_dir(setting: str | None) -> str | None:
+    """The persistent compilation cache's directory for ``--compilation-cache``
+    (``None`` when it is ``"off"``)."""
+    if setting is not None:
+        return None if setting.lower() == "off" else os.path.expanduser(setting)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "lore_jax", "xla")
+
+
+def _setup_compilation_cache(args: argparse.Namespace) -> None:
+    """JAX's persistent compilation cache (every program that takes 0.1 s or more to
+    compile), through the environment so that a supervised child process uses it too.
+
+    A multi-process job spends most of its start-up compiling (each process compiles
+    the same programs on its share of the cores): a second run of the same model and
+    options loads them instead. An existing ``JAX_COMPILATION_CACHE_DIR`` wins (an
+    empty one turns the cache off), and nothing changes in a process that imported JAX
+    before (``lore_jax.cli.main`` called from Python).
+    """
+    directory = compilation_cache_dir(args.compilation_cache)
+    if directory is None or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+
 def _setup_devices(args: argparse.Namespace) -> None:
     """Simulated CPU devices and jax.distributed, before JAX starts its backends."""
     total = args.devices or DEFAULT_SIMULATED_DEVICES
@@ -221,6 +325,10 @@ def _setup_devices(args: argparse.Namespace) -> None:
         raise _UsageError(f"--devices {total} is not divisible by --num-processes "
                           f"{args.num_processes}.")
     flags = os.environ.get("XLA_FLAGS", "")
+    if args.num_processes > 1 and args.devices:
+        # Every process of a job uses all its devices: its share of --devices, whatever
+        # count XLA_FLAGS holds (a node of `lore-jax cluster` inherits the launcher's).
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
     if "xla_force_host_platform_device_count" not in flags:
         flags += f" --xla_force_host_platform_device_count={total // args.num_processes}"
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
@@ -256,10 +364,12 @@ def _config(args: argparse.Namespace, compressor: str):
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
         refresh=args.refresh, probes=args.probes, tracking=args.tracking,
-        allocation=args.allocation, seed=args.seed, hidden=hidden,
+        allocation=args.allocation, fraction=args.fraction, levels=args.levels,
+        seed=args.seed, hidden=hidden,
         data=args.data, seq_len=args.seq_len, d_model=args.d_model, num_heads=args.heads,
         num_layers=args.layers,
-        eval_every=args.eval_every, progress=not args.no_progress,
+        eval_every=args.eval_every, eval_examples=args.eval_examples,
+        target_loss=args.target_loss, progress=not args.no_progress,
         log=getattr(args, "log", None), checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every=getattr(args, "checkpoint_every", None),
         resume=getattr(args, "resume", False),
@@ -327,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "cluster":
+            return _run_cluster(args)
         _check_processes(args)
+        _setup_compilation_cache(args)
         if args.num_processes > 1 and not worker:
             return faults.supervise(argv, faults.Job(
                 args.process_id, args.num_processes, args.coordinator, args.init_timeout,
