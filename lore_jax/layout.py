@@ -39,7 +39,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import collectives
+from lore_jax import _xla, collectives
 from lore_jax.accumulate import MultiStepsState
 from lore_jax.compressed_mean import CompressedMeanState
 from lore_jax.staleness import ReuseLastState, StaleState
@@ -329,4 +329,4 @@ def sharded_init(
                           params, param_specs, is_leaf=_is_spec)
     specs = _init_layout(tx, params, mesh, param_specs, axis_name)
     init = jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=specs)
-    return jax.jit(init)(params)
+    return _xla.run_once(init, params)

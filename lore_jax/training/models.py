@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lore_jax import _xla
+
 Params = dict[str, Any]
 
 
@@ -147,7 +149,8 @@ def create(factory: Callable[[], nnx.Module]) -> tuple[Callable[[Params, jax.Arr
     """Builds ``factory()`` in one jitted call; returns ``(apply, params)`` like :func:`split`.
 
     Constructing an NNX module eagerly compiles one small XLA program per initialiser and
-    shape; tracing the whole construction compiles once.
+    shape; tracing the whole construction compiles once (as a program that runs once,
+    :func:`lore_jax._xla.run_once`).
 
     Example:
       >>> apply, params = create(lambda: MLP(4, (8,), 2, rngs=nnx.Rngs(0)))
@@ -155,7 +158,7 @@ def create(factory: Callable[[], nnx.Module]) -> tuple[Callable[[Params, jax.Arr
       (3, 2)
     """
     apply, _ = abstract(factory)
-    params = jax.jit(lambda: split(factory())[1])()
+    params = _xla.run_once(lambda: split(factory())[1])
     return apply, params
 
 
