@@ -149,7 +149,7 @@ def test_compare_digits_greedylore_matches_dense_with_fewer_bits(mesh, tmp_path,
     assert (out / "greedylore.jsonl").exists()
 
 
-@pytest.mark.parametrize("compressor", ["powersgd", "random"])
+@pytest.mark.parametrize("compressor", ["powersgd", "random", "topk", "qsgd", "sign"])
 def test_other_compressors_train(mesh, tmp_path, compressor):
     from lore_jax.training import TrainConfig, train
 
@@ -201,3 +201,53 @@ def test_transformer_size_flags_reach_the_model(flags, size):
                                                                   for i in range(layers)]
     assert params["block0"]["attention"]["qkv"]["kernel"].shape == (d, 3 * d)
     assert model.block0.attention.num_heads == heads
+
+
+def test_topk_sends_its_fraction_of_every_leaf(mesh):
+    """Bits per step, per leaf of d entries: k float32 values and k indices of ceil(log2 d)
+    bits packed into 32-bit words, k = max(1, round(f d))."""
+    from lore_jax.training import TrainConfig, train
+
+    res = train(TrainConfig(compressor="topk", fraction=0.05, steps=2, hidden=(32, 32),
+                            batch_size=32, progress=False))
+    sizes = [64 * 32, 32, 32 * 32, 32, 32 * 10, 10]   # the MLP's kernels and biases
+    ks = [max(1, round(0.05 * d)) for d in sizes]
+    want = sum(32 * k + 32 * int(np.ceil(k * np.ceil(np.log2(d)) / 32))
+               for k, d in zip(ks, sizes, strict=True))
+    assert res.history[0]["bits_sent"] == want
+    assert res.history[1]["bits_sent"] == 2 * want
+
+
+def test_target_loss_stops_at_the_first_evaluation_at_or_below_it(mesh, tmp_path):
+    from lore_jax.training import TrainConfig, train
+
+    kw = dict(compressor="dense", steps=40, hidden=(32, 32), batch_size=32, eval_every=5,
+              progress=False)
+    full = train(TrainConfig(**kw))
+    target = full.evals[3]["test_loss"] + 1e-6   # reached at step 20 (or before)
+    first = next(e["step"] for e in full.evals if e["test_loss"] <= target)
+    log = tmp_path / "log.jsonl"
+    res = train(TrainConfig(target_loss=target, log=str(log), **kw))
+    assert res.summary["steps"] == first and len(res.history) == first
+    records = read_log(log)
+    stop = next(r for r in records if r["event"] == "target")
+    assert stop["step"] == first and stop["test_loss"] <= target
+    assert [r["event"] for r in records][-2:] == ["target", "summary"]
+
+
+def test_the_log_records_start_up_and_wall_clock(mesh, tmp_path):
+    from lore_jax.training import TrainConfig, train
+
+    log = tmp_path / "log.jsonl"
+    train(TrainConfig(compressor="dense", steps=3, hidden=(16,), batch_size=32,
+                      eval_examples=40, progress=False, log=str(log)))
+    records = read_log(log)
+    config = records[0]
+    assert set(config["startup"]) == {"before_run_s", "data_s", "init_s", "compile_s"}
+    assert all(v >= 0 for v in config["startup"].values())
+    assert config["startup_s"] >= sum(config["startup"].values()) - 1e-3
+    walls = [r["wall_s"] for r in records if r["event"] == "train"]
+    assert walls == sorted(walls) and walls[0] >= config["startup_s"]
+    # One process: no interface counters; an evaluation on 40 examples reports its time.
+    assert all("net_sent_bytes" not in r for r in records if r["event"] == "train")
+    assert next(r for r in records if r["event"] == "eval")["eval_s"] > 0

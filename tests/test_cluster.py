@@ -195,3 +195,25 @@ def test_the_readme_commands_are_valid_command_lines():
             parser.parse_args(job)
             cluster.lore_jax_command(job, args.nodes, args.devices_per_node)
     assert cli.main(["cluster", "--check"]) == (0 if REASON is None else 2)
+
+
+def test_cluster_time_reads_time_to_target_from_a_run():
+    """Time to target: launch to the end of the step of the first evaluation at or below
+    the target, with the evaluations before it left out; the bandwidth model adds the
+    ring collective's bytes at the link's rate."""
+    from benchmarks import cluster_time
+
+    run = {"steps": [1, 2, 3, 4], "wall_s": [10.0, 11.0, 14.0, 15.0],
+           "step_time": [2.0, 1.0, 1.0, 1.0],
+           "evals": [{"step": 2, "test_loss": 3.0, "eval_s": 2.0},
+                     {"step": 4, "test_loss": 2.0, "eval_s": 2.0}]}
+    assert cluster_time.time_to_target(run, 2.5) == (4, 13.0)
+    assert cluster_time.time_to_target(run, 1.0) == (None, None)
+    assert cluster_time.curve(run) == ([11.0, 13.0], [3.0, 2.0])
+    assert cluster_time.median_step(run) == 1.0
+    # 1 MB all-reduced on 2 nodes at 100 Mbit/s: 0.08 s; all-gathered on 4: 0.24 s.
+    assert cluster_time.modelled_step(0.5, 1e6, "all-reduce", 2, "100mbit") == \
+        pytest.approx(0.58)
+    assert cluster_time.modelled_step(0.5, 1e6, "all-gather", 4, "100mbit") == \
+        pytest.approx(0.74)
+    assert cluster_time.modelled_step(0.5, 1e6, "all-gather", 4, "unshaped") == 0.5

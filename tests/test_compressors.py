@@ -488,3 +488,14 @@ def test_pack_bits_roundtrip_and_layout():
 def test_bad_parameters_raise_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make", [C.top_k, C.random_k])
+def test_sparsifiers_take_k_or_a_fraction_of_each_leaf(make):
+    q = make(fraction=0.25)
+    assert q.bits((16,)) == make(4).bits((16,))
+    assert q.bits((100,)) == make(25).bits((100,))
+    assert q.bits((2,)) == make(1).bits((2,))   # at least one entry
+    for bad in ({}, {"k": 2, "fraction": 0.1}, {"fraction": 0.0}, {"fraction": 1.5}):
+        with pytest.raises(ValueError, match="k|fraction"):
+            make(**bad)
