@@ -23,8 +23,8 @@ Reported per link rate, cluster size and method (from process 0's log):
 
 Runs are appended to ``<out>/cluster_time_runs.jsonl`` as they finish; a run already
 there is not repeated, so a long sweep can be stopped and continued (``--only`` picks
-part of the grid). The toolkit's candidates (``--toolkit``) first race on the first
-cluster size's unshaped link; the fastest to the target represents the toolkit elsewhere.
+part of the grid). The toolkit's candidates (``--toolkit``) first race on the smallest
+cluster's unshaped link; the fastest to the target represents the toolkit elsewhere.
 
 The machine's cores are shared: P processes on C cores get C/P cores each (on 2 cores,
 one core each at P = 2 and half a core at P = 4).
@@ -199,9 +199,9 @@ def grid(args: Any, toolkit: str | None) -> list[tuple[str, int, str, int]]:
 
 def choose_toolkit(runs: dict[str, dict[str, Any]], args: Any,
                    candidates: list[str]) -> str | None:
-    """The toolkit candidate that reached the target soonest on the first cluster size's
+    """The toolkit candidate that reached the target soonest on the smallest cluster's
     unshaped link (``None`` until they have all run)."""
-    nodes = common.ints(args.nodes)[0]
+    nodes = min(common.ints(args.nodes))
     best = None
     for m in candidates:
         r = runs.get(run_key(m, nodes, "unshaped", 0))
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if "toolkit" in args.methods.split(","):
             for m in candidates:   # the race on the unshaped link
-                ensure(m, common.ints(args.nodes)[0], "unshaped", 0)
+                ensure(m, min(common.ints(args.nodes)), "unshaped", 0)
         for run in grid(args, choose_toolkit(runs, args, candidates)):
             ensure(*run)
     md = report(runs, args, out)
