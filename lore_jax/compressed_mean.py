@@ -11,8 +11,8 @@ the ``N`` payloads and averages them. Either way the output is identical on ever
 
 Matrix compressors with ``groups`` (PowerSGD, random projection, greedy SVD) take the
 middle three arrows for the whole model at once (``_send_grouped``): same-shape matrices
-stacked, each collective round packed into one buffer and the dense leaves in one
-``psum``, so a step's collectives do not grow with the number of leaves. The others take
+stacked, each collective round packed into one buffer and the dense leaves into one
+more, so a step's collectives do not grow with the number of leaves. The others take
 them leaf by leaf (``_send_leaves``), the payloads of all leaves again packed into one
 collective.
 """
@@ -375,13 +375,13 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
     Every group of same-shape matrices is compressed as one ``(k, a, b)`` stack
     (:class:`~lore_jax.compressors.base.MatrixGroups`) and every round carries all
     groups at once (:func:`_round_trip`), or the compressor runs its rounds itself
-    (``groups.communicate``: GreedyLore's phases). The dense pieces take one ``psum`` of
-    many operands, which XLA's all-reduce combiner merges into a round's op (the HLO
-    tests and ``benchmarks/collectives.py`` count them), and leaves each piece's mean in
-    a buffer of its own. Every matrix's two reconstructions are cut out of its group's
-    stacks at positions XLA cannot fold (:func:`lore_jax.collectives.opaque_ints`), so
-    that a group's cuts are one kernel: XLA:CPU compiles every distinct kernel (about
-    10 ms each), and a cut at a constant position is a kernel of its own.
+    (``groups.communicate``: GreedyLore's phases). The dense pieces are packed into one
+    all-reduce of their own (:func:`lore_jax.collectives.pmean`; the HLO tests and
+    ``benchmarks/collectives.py`` count the ops). Every matrix's two reconstructions are
+    cut out of its group's stacks at positions XLA cannot fold
+    (:func:`lore_jax.collectives.opaque_ints`), so that a group's cuts are one kernel:
+    XLA:CPU compiles every distinct kernel (about 10 ms each), and a cut at a constant
+    position is a kernel of its own.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
@@ -556,8 +556,8 @@ def compressed_mean(
     compressed at once: same-shape matrices are stacked (``batch_by_shape``) so that one
     batched matmul / QR / SVD serves each shape, and each collective round, PowerSGD's
     inner one included, packs every matrix's payload into one all-reduce (all-gather for
-    greedy SVD); the dense leaves take one ``psum``, which XLA merges into a round's
-    all-reduce. The collectives per step do not grow with the number of leaves. The
+    greedy SVD); the dense leaves are packed into one more all-reduce. The collectives
+    per step do not grow with the number of leaves. The
     keys, states and results are those of compressing one matrix at a time.
     ``batch_by_shape=False`` keeps the packed rounds but computes matrix by matrix,
     which avoids stacking copies (a faster step on simulated CPU devices in
