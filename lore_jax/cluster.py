@@ -309,13 +309,18 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
             [*_unshare_command(), sys.executable, "-m", "lore_jax.cluster", "--lab", spec_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
             start_new_session=True, preexec_fn=_die_with_parent)
-        relay = threading.Thread(target=_relay, args=(lab.stdout, output), daemon=True)
+        tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
+        relay = threading.Thread(target=_relay, args=(lab.stdout, output, tail), daemon=True)
         relay.start()
         try:
             lab.wait(timeout=None if timeout is None else timeout + 3 * grace_s + 60)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        except KeyboardInterrupt:
             _stop(lab, grace_s)
             raise
+        except subprocess.TimeoutExpired:
+            _stop(lab, grace_s)
+            raise ClusterError(f"the emulated cluster did not stop within {timeout} s and "
+                               f"its grace periods; it was killed.") from None
         finally:
             relay.join(timeout=5)
             if lab.poll() is None:
@@ -323,8 +328,8 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
         try:
             result = json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise ClusterError(f"the emulated cluster failed before it could report "
-                               f"(exit {lab.returncode}); its output is above.") from None
+            raise ClusterError(f"the emulated cluster failed before it could report (exit "
+                               f"{lab.returncode}): {' | '.join(tail)}") from None
     if "error" in result:
         raise ClusterError(result["error"])
     return ClusterResult(
@@ -356,8 +361,9 @@ def _die_with_parent() -> None:   # runs in the child between fork and exec
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _relay(stream: IO[str], output: IO[str] | None) -> None:
+def _relay(stream: IO[str], output: IO[str] | None, tail: collections.deque) -> None:
     for line in stream:
+        tail.append(line.rstrip("\n"))
         if output is not None:
             output.write(line)
             output.flush()
