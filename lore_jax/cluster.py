@@ -210,18 +210,23 @@ def lore_jax_command(args: Sequence[str], nodes: int, devices_per_node: int = 1
 # --------------------------------------------------------------------------- availability
 
 
-def _unshare_command() -> list[str]:
-    """``unshare`` into fresh user (unless root), network, mount and PID namespaces."""
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+def _unshare_command(user_namespace: bool | None = None) -> list[str]:
+    """``unshare`` into fresh network, mount and PID namespaces, inside a new user
+    namespace where the caller is root (``user_namespace``; ``None``: unless it is root
+    already)."""
+    if user_namespace is None:
+        user_namespace = os.geteuid() != 0
+    user = ["--user", "--map-root-user"] if user_namespace else []
     return ["unshare", *user, "--net", "--mount", "--pid", "--fork", "--mount-proc",
             "--kill-child"]
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(user_namespace: bool | None = None) -> str | None:
     """Why an emulated cluster cannot be made on this machine, in one line, or ``None``.
 
     Checks the tools (``unshare``, ``mount``, ``ip``, ``tc``), then makes an empty set of
-    namespaces with a veth pair and a token bucket and removes it.
+    namespaces with a veth pair and a token bucket and removes it (``user_namespace``:
+    as :func:`run`).
     """
     if not sys.platform.startswith("linux"):
         return f"an emulated cluster needs Linux network namespaces; this is {sys.platform}."
@@ -232,14 +237,15 @@ def unavailable_reason() -> str | None:
     probe = ("ip link add lj-a type veth peer name lj-b && ip link set lj-a up && "
              "tc qdisc add dev lj-a root tbf rate 1mbit burst 16kb latency 100ms")
     try:
-        out = subprocess.run([*_unshare_command(), "sh", "-c", probe], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run([*_unshare_command(user_namespace), "sh", "-c", probe],
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"could not run unshare: {e}."
     if out.returncode == 0:
         return None
     detail = " ".join((out.stderr or out.stdout).split()) or f"exit {out.returncode}"
-    if os.geteuid() != 0 and ("unshare" in detail or "Operation not permitted" in detail):
+    unprivileged = os.geteuid() != 0 if user_namespace is None else user_namespace
+    if unprivileged and ("unshare" in detail or "Operation not permitted" in detail):
         return (f"this kernel does not let an unprivileged user make namespaces ({detail}); "
                 f"run as root, or allow user namespaces (sysctl "
                 f"kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0).")
@@ -256,7 +262,7 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
         down: str | float | None = None, timeout: float | None = None,
         env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
         output: IO[str] | None = sys.stdout, log_dir: str | os.PathLike | None = None,
-        grace_s: float = GRACE_S) -> ClusterResult:
+        grace_s: float = GRACE_S, user_namespace: bool | None = None) -> ClusterResult:
     """Runs one process per node of an emulated cluster and returns their traffic.
 
     Args:
@@ -277,6 +283,9 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
       grace_s: seconds the nodes get to stop on their own once one failed, the timeout
         passed or Ctrl-C was pressed (a ``lore-jax`` job stops within seconds when a
         process is lost), before they are killed.
+      user_namespace: make the namespaces inside a new user namespace, as an
+        unprivileged user must (``None``: only when not root; ``True`` as root tries
+        what an unprivileged user would get).
 
     Returns:
       A :class:`ClusterResult`.
@@ -293,7 +302,7 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
     up_bps = parse_rate(up if up is not None else rate)
     down_bps = parse_rate(down if down is not None else rate)
     commands = [_node_command(command, i, nodes) for i in range(nodes)]
-    reason = unavailable_reason()
+    reason = unavailable_reason(user_namespace)
     if reason:
         raise ClusterError(reason)
     with tempfile.TemporaryDirectory(prefix="lore-jax-cluster-") as tmp:
@@ -306,7 +315,8 @@ def run(command: Sequence[str] | Callable[[int], Sequence[str]], *, nodes: int =
         spec_path = os.path.join(tmp, "spec.json")
         Path(spec_path).write_text(json.dumps(spec), encoding="utf-8")
         lab = subprocess.Popen(
-            [*_unshare_command(), sys.executable, "-m", "lore_jax.cluster", "--lab", spec_path],
+            [*_unshare_command(user_namespace), sys.executable, "-m", "lore_jax.cluster",
+             "--lab", spec_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
             start_new_session=True, preexec_fn=_die_with_parent)
         tail: collections.deque = collections.deque(maxlen=TAIL_LINES)

@@ -60,13 +60,17 @@ def test_cli_cluster_needs_a_job(capsys):
 
 
 @needs_namespaces
-def test_nodes_get_their_placeholders_addresses_and_host_name(tmp_path):
-    # Gloo takes a process's address from the host name: each node must resolve it to
-    # its own address.
+@pytest.mark.parametrize("user_namespace", [None, True], ids=["as is", "in a user namespace"])
+def test_nodes_get_their_placeholders_addresses_and_host_name(tmp_path, user_namespace):
+    """Gloo takes a process's address from the host name: each node must resolve it to
+    its own address. Also inside a user namespace, as an unprivileged user makes it
+    (skipped where the kernel does not allow that)."""
+    if user_namespace and cluster.unavailable_reason(user_namespace=True):
+        pytest.skip(cluster.unavailable_reason(user_namespace=True))
     result = cluster.run(
         ["sh", "-c", "echo {process_id} {num_processes} {address} {coordinator} "
                      "$(getent hosts $(hostname) | cut -d' ' -f1) $LORE_JAX_CLUSTER_NODE"],
-        nodes=3, rate="50mbit", output=None, log_dir=tmp_path)
+        nodes=3, rate="50mbit", output=None, log_dir=tmp_path, user_namespace=user_namespace)
     assert result.ok, result.summary()
     for i in range(3):
         line = (tmp_path / f"node{i}.log").read_text().split()
