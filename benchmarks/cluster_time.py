@@ -200,18 +200,17 @@ def grid(args: Any, toolkit: str | None) -> list[tuple[str, int, str, int]]:
 def choose_toolkit(runs: dict[str, dict[str, Any]], args: Any,
                    candidates: list[str]) -> str | None:
     """The toolkit candidate that reached the target soonest on the smallest cluster's
-    unshaped link (``None`` until they have all run)."""
+    unshaped link, or, if none did, the one whose last held-out loss is lowest (``None``
+    until they have all run)."""
     nodes = min(common.ints(args.nodes))
-    best = None
+    scores = {}
     for m in candidates:
         r = runs.get(run_key(m, nodes, "unshaped", 0))
         if r is None:
             return None
         t = time_to_target(r, args.target)[1]
-        t = float("inf") if t is None else t
-        if best is None or t < best[0]:
-            best = (t, m)
-    return best[1]
+        scores[m] = (float("inf") if t is None else t, r["evals"][-1]["test_loss"])
+    return min(scores, key=scores.get)
 
 
 def report(runs: dict[str, dict[str, Any]], args: Any, out: Path) -> str:
