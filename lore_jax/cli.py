@@ -43,6 +43,13 @@ with status 75 (``EX_TEMPFAIL``); restart every process with ``--resume``. To do
 each process runs the training in a child process that it watches
 (:mod:`lore_jax.training.faults` says why).
 
+An emulated cluster (:mod:`lore_jax.cluster`): ``lore-jax cluster --nodes P --rate R --
+train ...`` runs the job as P processes on this machine, each in its own network
+namespace, joined by links of rate R (``--up`` / ``--down`` for each way), fills in
+``--coordinator``, ``--num-processes``, ``--process-id`` and ``--devices``, streams the
+output, prints each node's bytes on the wire, and removes the network however the job
+ends. It emulates bandwidth only (no latency or loss).
+
 Errors a user can fix (unknown task or compressor, too few devices, a missing data file,
 a checkpoint from another model, an existing checkpoint without ``--resume``) print one
 line on stderr and exit with status 2, before anything is written.
