@@ -29,16 +29,18 @@ and compressed steps; rows are split by phase (steps whose accounted bits equal 
 are "dense", the others "compressed").
 
 Example:
-  python -m benchmarks.cluster_bytes                       # every method at P = 2 and 4
+  python -m benchmarks.cluster_bytes --collectives         # every method at P = 2 and 4
   python -m benchmarks.cluster_bytes --nodes 2 --methods dense,greedylore --steps 10
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="lore-jax model flags for the lm task")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--echo", action="store_true", help="show the nodes' output")
+    p.add_argument("--collectives", action="store_true",
+                   help="also count single collectives of several sizes "
+                        "(benchmarks/collective_probe.py)")
     args = p.parse_args(argv)
     reason = cluster.unavailable_reason()
     if reason:
@@ -184,8 +189,40 @@ def main(argv: list[str] | None = None) -> int:
              "device); implied: accounted x 2(P-1)/P (ring all-reduce) or x (P-1) (ring "
              "all-gather); sent, received: node 0's interface counters per step (whole "
              "frames).")
-    common.write_json(args.out, "cluster_bytes", {"args": vars(args), "results": results}, md)
+    probes = []
+    if args.collectives:
+        probe_rows = []
+        for nodes in common.ints(args.nodes):
+            print(f"single collectives on {nodes} nodes ...", flush=True)
+            for row in probe_collectives(nodes, args.timeout):
+                probes.append({"nodes": nodes, **row})
+                implied = (row["payload"] * collective_factor(row["kind"], nodes)
+                           if row["kind"] else None)
+                probe_rows.append([row["collective"], nodes, row["payload"], implied,
+                                   row["sent"], row["received"],
+                                   row["sent"] / implied if implied else None])
+        md += "\n" + common.table(
+            "Single collectives: bytes per call on node 0's link (unshaped)",
+            ["collective", "P", "payload B", "implied B", "sent B", "received B",
+             "sent / implied"], probe_rows,
+            note="one jitted collective run 20 times after a first call "
+                 "(benchmarks/collective_probe.py); idle: the coordination service's "
+                 "heartbeats.")
+    common.write_json(args.out, "cluster_bytes", {"args": vars(args), "results": results,
+                                                  "collectives": probes}, md)
     return 0
+
+
+def probe_collectives(nodes: int, timeout: float) -> list[dict[str, Any]]:
+    """Node 0's bytes per call of single collectives (:mod:`benchmarks.collective_probe`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = cluster.run([sys.executable, "-m", "benchmarks.collective_probe",
+                              "{coordinator}", "{num_processes}", "{process_id}"],
+                             nodes=nodes, timeout=timeout, output=None, log_dir=tmp)
+        if not result.ok:
+            raise RuntimeError(f"the collective probe failed: {result.summary(tails=True)}")
+        lines = (Path(tmp) / "node0.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 if __name__ == "__main__":
