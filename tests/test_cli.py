@@ -251,3 +251,14 @@ def test_the_log_records_start_up_and_wall_clock(mesh, tmp_path):
     # One process: no interface counters; an evaluation on 40 examples reports its time.
     assert all("net_sent_bytes" not in r for r in records if r["event"] == "train")
     assert next(r for r in records if r["event"] == "eval")["eval_s"] > 0
+
+
+def test_a_compressor_option_binds_a_resume_only_for_its_compressor():
+    from lore_jax.training import TrainConfig
+    from lore_jax.training.loop import _resume_settings
+
+    topk = _resume_settings(TrainConfig(compressor="topk", fraction=0.05).resolved())
+    greedy = _resume_settings(TrainConfig(compressor="greedylore").resolved())
+    assert topk["fraction"] == 0.05 and "levels" not in topk
+    assert "fraction" not in greedy and "levels" not in greedy
+    assert _resume_settings(TrainConfig(compressor="qsgd", levels=3).resolved())["levels"] == 3

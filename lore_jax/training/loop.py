@@ -259,13 +259,16 @@ class _NetCounters:
 RESUME_SETTINGS = ("task", "model", "data", "seq_len", "compressor", "rank", "optimizer",
                    "learning_rate", "momentum", "schedule", "batch_size", "seed",
                    "error_feedback", "update_interval", "warmup_steps", "refresh", "probes",
-                   "tracking", "allocation", "fraction", "levels")
+                   "tracking", "allocation")
+#: Options of one compressor that a resumed run must share when it uses that compressor.
+COMPRESSOR_SETTINGS = {"topk": ("fraction",), "qsgd": ("levels",)}
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """:data:`RESUME_SETTINGS` of this run (and the transformer's size: the number of heads
-    changes what it computes, not its parameters' shapes), as the checkpoint stores them."""
-    names = list(RESUME_SETTINGS)
+    """:data:`RESUME_SETTINGS` of this run, its compressor's own options and the
+    transformer's size (the number of heads changes what it computes, not its
+    parameters' shapes), as the checkpoint stores them."""
+    names = list(RESUME_SETTINGS) + list(COMPRESSOR_SETTINGS.get(cfg.compressor, ()))
     if cfg.model == "transformer":
         names += ["d_model", "num_heads", "num_layers"]
     config = cfg.to_json()
