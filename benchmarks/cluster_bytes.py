@@ -146,7 +146,7 @@ def run_method(flags: list[str], kind: str, nodes: int, steps: int, model: list[
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated subset of: " + ", ".join(METHODS))
+                   help="comma-separated subset of: " + common.listing(METHODS))
     p.add_argument("--nodes", default="2,4", help="cluster sizes")
     p.add_argument("--steps", type=int, default=14, help="training steps per run")
     p.add_argument("--model", default="--d-model 128 --layers 4",

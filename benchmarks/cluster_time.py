@@ -348,7 +348,8 @@ def _figure(by, args, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--methods", default="dense,powersgd,greedylore,greedylore (paper),toolkit",
-                   help="comma-separated: " + ", ".join(METHODS) + " (each may end in "
+                   help="comma-separated: " + common.listing(METHODS)
+                        + " (each may end in "
                         "' r=N'), toolkit (the "
                         "fastest of --toolkit)")
     p.add_argument("--toolkit", default=",".join(TOOLKIT),

@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,11 @@ def parser(description: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="results", help="directory for the JSON (and markdown)")
     return p
+
+
+def listing(names: Iterable[str]) -> str:
+    """``names`` joined for an argparse help text (which is %-formatted: ``%`` doubled)."""
+    return ", ".join(names).replace("%", "%%")
 
 
 def ints(text: str) -> list[int]:

@@ -238,3 +238,18 @@ def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
     assert cap == pytest.approx(np.sum((p.T @ h) ** 2))
     assert best == pytest.approx(np.sum(np.linalg.svd(h, compute_uv=False)[:2] ** 2))
     assert cap <= best
+
+
+@pytest.mark.parametrize("name", ["bytes_on_wire", "cluster_bytes", "cluster_time",
+                                  "collectives", "gpu_check", "greedylore_diagnosis",
+                                  "lm_quality", "overhead", "refresh", "run_all",
+                                  "time_to_target"])
+def test_every_benchmark_prints_its_help(name, capsys):
+    """argparse %-formats help texts: a method named "topk 1%" once broke ``--help``."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
