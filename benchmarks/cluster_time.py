@@ -237,7 +237,8 @@ def report(runs: dict[str, dict[str, Any]], args: Any, out: Path) -> str:
         model = modelled_step(compute, accounted, kind, nodes, rate)
         steps = [s for s, _ in ttt]
         rows.append([f"P={nodes}", rate, method, len(rs), startup, step, compute,
-                     step - compute, model, ", ".join(str(s) if s else "-" for s in steps),
+                     max(step - compute, 0.0), model,
+                     ", ".join(str(s) if s else "-" for s in steps),
                      statistics.median(reached) if len(reached) == len(rs) else None,
                      startup + statistics.median(steps) * model if all(steps) else None,
                      ratio, wire / 1e3])
@@ -249,7 +250,8 @@ def report(runs: dict[str, dict[str, Any]], args: Any, out: Path) -> str:
          "network wait s", "model step s", "steps to target", "time to target s",
          "model time s", "x dense", "wire KB/step"], rows,
         note="start-up: launch to first step; step: median step on this link; compute: "
-             "the same method's median step on the unshaped link; model step: compute + "
+             "the same method's median step on the unshaped link; network wait: step - "
+             "compute (0 where run-to-run noise makes it negative); model step: compute + "
              "ring collective bytes / rate; time to target: launch to the step of the first "
              "evaluation at or below the target, evaluations left out, median over seeds; "
              "model time: start-up + steps to target x model step; x dense: time to target "
@@ -258,7 +260,7 @@ def report(runs: dict[str, dict[str, Any]], args: Any, out: Path) -> str:
         md += "\n" + common.table(
             "Time to other held-out targets over dense's (medians over seeds)",
             ["nodes", "link", "method", *[f"<= {t}" for t in args.also]], others,
-            note="-: not reached within the run.")
+            note="-: not reached within the run (or not run).")
     md += "\n" + _targets(by, args)
     _figure(by, args, out)
     return md

@@ -118,6 +118,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, (float, np.floating)):
