@@ -325,24 +325,32 @@ def _figure(by, args, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:   # pragma: no cover - a dependency
         return
-    panels = sorted({(k[0], k[1]) for k in by}, key=lambda k: (k[0], _rate_order(k[1])))
-    if not panels:
+    sizes = sorted({k[0] for k in by})
+    rates = sorted({k[1] for k in by}, key=_rate_order)
+    if not sizes:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (nodes, rate) in zip(axes[0], panels, strict=True):
-        for method in sorted({k[2] for k in by if k[:2] == (nodes, rate)},
-                             key=_method_order):
-            rs = by.get((nodes, rate, method))
-            if rs:
-                r = min(rs, key=lambda r: r["seed"])
-                ax.plot(*curve(r), label=method, marker=".", markersize=3)
-        ax.axhline(args.target, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{nodes} nodes, {rate}")
-        ax.set_xlabel("seconds from launch (evaluations excluded)")
-        ax.set_ylabel("held-out loss")
-        ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    methods = sorted({k[2] for k in by}, key=_method_order)
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}   # one colour per method
+    fig, axes = plt.subplots(len(sizes), len(rates), figsize=(4.2 * len(rates),
+                             3.4 * len(sizes)), squeeze=False)
+    for row, nodes in zip(axes, sizes, strict=True):
+        for ax, rate in zip(row, rates, strict=True):
+            for method in methods:
+                rs = by.get((nodes, rate, method))
+                if rs:
+                    r = min(rs, key=lambda r: r["seed"])
+                    ax.plot(*curve(r), label=method, color=colour[method], marker=".",
+                            markersize=3)
+            ax.axhline(args.target, color="grey", lw=0.8, ls="--")
+            ax.set_title(f"{nodes} nodes, {rate}")
+            ax.set_xlabel("seconds from launch (evaluations excluded)")
+            ax.set_ylabel("held-out loss")
+            ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+    handles = {m: h for ax in axes.flat for h, m in zip(*ax.get_legend_handles_labels(),
+                                                         strict=True)}
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=min(len(handles), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1 / len(sizes), 1, 1))
     fig.savefig(out / "cluster_time.png", dpi=110)
     print(f"wrote {out / 'cluster_time.png'}")
 
