@@ -602,3 +602,34 @@ def test_lost_process_names_and_messages():
     assert lost_message([], 1, None, None) == (
         "lore-jax: lost a peer process before the first step, so process 1 stops; no "
         "--checkpoint-dir was given, so a restart begins at step 0.")
+
+
+_BARRIER_SCRIPT = """
+import sys, time
+import jax
+from lore_jax.training import faults
+port, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(f"localhost:{port}", 2, pid)
+if pid == 1:
+    time.sleep(3)   # as a process that compiles its step longer than the others
+t = time.monotonic()
+faults.wait_for_every_process("test", timeout_s=60)
+print(time.monotonic() - t)
+"""
+
+
+def test_wait_for_every_process_holds_the_early_process_until_the_late_one_arrives():
+    """The barrier the training loop passes after compiling: JAX caches compiled programs
+    from process 0 only, so a rerun's process 0 is ready long before the others, and
+    Gloo gives up on a collective whose peers are 30 s late."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _BARRIER_SCRIPT, str(port), str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    waited = [float(out.split()[-1]) for out, _ in outs]
+    assert waited[0] >= 2.5 and waited[1] < 2.5, waited

@@ -132,6 +132,26 @@ def lost_processes(text: str, process_id: int, num_processes: int) -> list[int]:
     return sorted(p for p in found if 0 <= p < num_processes)
 
 
+def wait_for_every_process(name: str, timeout_s: float = INIT_TIMEOUT_S) -> None:
+    """Returns once every process of the ``jax.distributed`` job has called this with
+    ``name`` (at once in a single-process run).
+
+    A barrier of the coordination service, not a collective: Gloo gives the processes
+    30 s to meet at a new collective's first call, and their compile times can differ by
+    more than that. JAX writes its persistent compilation cache from process 0 only, so
+    on a rerun process 0 loads its compiled step in a second while every other process
+    compiles it again; the training loop waits here after compiling its step.
+
+    Raises the runtime's error (a peer failure, :func:`is_peer_failure`) if some process
+    does not arrive within ``timeout_s``.
+    """
+    from jax._src import distributed  # the runtime client has no public handle
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(f"lore_jax/{name}", int(timeout_s * 1000))
+
+
 def newest_checkpoint(checkpoint_dir: str | os.PathLike | None) -> Path | None:
     """The newest complete checkpoint in ``checkpoint_dir``, or ``None``.
 

@@ -481,6 +481,7 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
     x0, y0 = (step_lib.global_array(a[:cfg.batch_size], mesh, P(AXIS))
               for a in (dataset.x_train, dataset.y_train))
     compiled = train_step.lower(params, opt_state, x0, y0).compile()
+    faults.wait_for_every_process("compiled")   # before the step's first collective
     compile_s = startup.mark("compile_s")
 
     # A resumed run's log continues after the restored step: records of the interrupted
