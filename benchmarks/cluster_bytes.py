@@ -136,7 +136,7 @@ def run_method(flags: list[str], kind: str, nodes: int, steps: int, model: list[
                              timeout=timeout, output=sys.stdout if echo else None)
         if not result.ok:
             raise RuntimeError(f"the {nodes}-node job {' '.join(job)} failed: "
-                               f"{result.summary()}")
+                               f"{result.summary(tails=True)}")
         records = metrics_lib.read_log(log)
     return {"phases": phases(per_step(records), kind, nodes),
             "run": {"wall_s": result.wall_s,
@@ -170,8 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             flags, kind = METHODS[name]
             print(f"{name} on {nodes} nodes ...", flush=True)
-            r = run_method(flags, kind, nodes, args.steps, args.model.split(), args.timeout,
-                           args.echo)
+            try:
+                r = run_method(flags, kind, nodes, args.steps, args.model.split(),
+                               args.timeout, args.echo)
+            except RuntimeError as e:   # one failed job keeps the others' rows
+                print(e, flush=True)
+                results.append({"method": name, "nodes": nodes, "collective": kind,
+                                "error": str(e)})
+                rows.append([name, nodes, "failed", 0, kind, *[None] * 6, "-"])
+                continue
             results.append({"method": name, "nodes": nodes, "collective": kind, **r})
             for ph in r["phases"]:
                 ok = max(ph["sent_ratio"], ph["received_ratio"]) <= 1 + TOLERANCE
