@@ -165,8 +165,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     g.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR so that a run of the same model "
-                        "starts without compiling again; 'off' to disable (default: "
-                        "$XDG_CACHE_HOME/lore_jax/xla, else ~/.cache/lore_jax/xla)")
+                        "starts without compiling again (JAX caches process 0's programs "
+                        "only: in a multi-process job the others compile every run); "
+                        "'off' to disable (default: $XDG_CACHE_HOME/lore_jax/xla, else "
+                        "~/.cache/lore_jax/xla)")
 
     g = p.add_argument_group("multiple processes (jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
