@@ -243,7 +243,8 @@ def test_the_log_records_start_up_and_wall_clock(mesh, tmp_path):
                       eval_examples=40, progress=False, log=str(log)))
     records = read_log(log)
     config = records[0]
-    assert set(config["startup"]) == {"before_run_s", "data_s", "init_s", "compile_s"}
+    assert set(config["startup"]) == {"before_run_s", "data_s", "init_s", "compile_s",
+                                      "wait_s"}
     assert all(v >= 0 for v in config["startup"].values())
     assert config["startup_s"] >= sum(config["startup"].values()) - 1e-3
     walls = [r["wall_s"] for r in records if r["event"] == "train"]

@@ -481,8 +481,9 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
     x0, y0 = (step_lib.global_array(a[:cfg.batch_size], mesh, P(AXIS))
               for a in (dataset.x_train, dataset.y_train))
     compiled = train_step.lower(params, opt_state, x0, y0).compile()
-    faults.wait_for_every_process("compiled")   # before the step's first collective
     compile_s = startup.mark("compile_s")
+    faults.wait_for_every_process("compiled")   # before the step's first collective
+    startup.mark("wait_s")   # for the processes still compiling (0 in a single process)
 
     # A resumed run's log continues after the restored step: records of the interrupted
     # run past it are dropped, so every step appears once.
