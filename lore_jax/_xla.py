@@ -2,14 +2,20 @@
 
 * :func:`run_once`: programs that run once (initialisers) compiled without the CPU
   backend's LLVM optimisations.
+* :func:`opaque_ints`: offsets XLA cannot constant-fold, so that same-size cuts out of
+  a packed buffer or a stack of matrices share one compiled kernel.
+
+Each is kept because a measurement shows it pays (the numbers are in its docstring);
+the algorithm code calls them by name and reads the same without them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 #: Compiler options of programs that run once, per backend.
 _RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
@@ -30,3 +36,33 @@ def run_once(fn: Callable[..., Any], *args: Any) -> Any:
     if options is None or traced:   # traced: part of a bigger program (eval_shape, jit)
         return jitted(*args)
     return jitted.lower(*args).compile(compiler_options=options)(*args)
+
+
+def opaque_ints(values: Sequence[int], count: jax.Array) -> tuple[jax.Array, ...]:
+    """``values`` as int32 scalars whose values XLA cannot see.
+
+    XLA compiles a slice at a constant offset into a kernel of its own (the offset is
+    part of it), and XLA:CPU compiles every distinct kernel (several ms each); slices of
+    one size at runtime offsets share one. Measured on the ``shard_map``'d update step of
+    a 24-layer 256-wide MLP on 4 simulated devices (2026-12-07): PowerSGD 18 distinct
+    kernels and 1.4 s of compile with these offsets against 109 and 3.0 s without,
+    GreedyLore 50 and 4.7 s against 141 and 9.3 s. ``jax.lax.optimization_barrier`` on
+    the offsets does not hide them (109 kernels).
+
+    Args:
+      values: Python ints (offsets, positions).
+      count: a replicated int32 scalar that is never negative (a step count). The
+        results are the outputs of a conditional on ``count >= 0`` whose other branch,
+        never taken, returns zeros, so that XLA cannot replace it by its constants.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [int(v) for v in opaque_ints([0, 3, 5], jnp.int32(0))]
+      [0, 3, 5]
+    """
+    values = tuple(int(v) for v in values)
+    if not values:
+        return ()
+    return jax.lax.cond(count >= 0,
+                        lambda: tuple(jnp.int32(v) for v in values),
+                        lambda: tuple(jnp.int32(0) for _ in values))

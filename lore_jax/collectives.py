@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lore_jax import _xla
+
 AxisName = Hashable | None
 
 
@@ -193,22 +195,12 @@ def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> 
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """Whether every entry of every leaf is finite: a scalar bool.
-
-    Computed as ``isfinite(sum_leaves sum(x * 0))``: ``x * 0`` is 0 where ``x`` is
-    finite and NaN where it is not, so the sum is NaN exactly when an entry is not
-    finite, and cannot overflow. One float reduction per leaf, which XLA:CPU compiles
-    faster than boolean ``all`` reductions (15% to 20% of a 76-leaf PowerSGD step's
-    compile time, ``benchmarks/collectives.py``).
-    """
+    """Whether every entry of every leaf is finite: a scalar bool."""
     leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    zero = sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in leaves)
-    return jnp.isfinite(zero)
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
-def pmean(tree: Any, axis_name: AxisName, witness: jax.Array | None = None) -> Any:
+def pmean(tree: Any, axis_name: AxisName, count: jax.Array | None = None) -> Any:
     """Mean over the data axis: the leaves packed into flat buffers, one SUM all-reduce
     per buffer, then division by N.
 
@@ -222,9 +214,9 @@ def pmean(tree: Any, axis_name: AxisName, witness: jax.Array | None = None) -> A
     Args:
       tree: the per-device values.
       axis_name: the data axis.
-      witness: a replicated int32 scalar that is never negative (a step count): cut the
-        leaves back out at offsets XLA cannot fold (:func:`opaque_ints`), so that
-        same-size leaves share one compiled kernel.
+      count: the step count (a replicated int32 scalar, never negative); with it the
+        leaves are cut back out at offsets XLA cannot fold
+        (:func:`lore_jax._xla.opaque_ints`), so that same-size leaves share one kernel.
 
     Example:
       >>> # inside jax.shard_map(..., mesh=mesh) over axis "data":
@@ -234,36 +226,7 @@ def pmean(tree: Any, axis_name: AxisName, witness: jax.Array | None = None) -> A
         return tree
     n = axis_size(axis_name)
     return _packed(tree, lambda flat: jax.lax.psum(flat, axis_name)
-                   / jnp.asarray(n, flat.dtype), witness)
-
-
-def opaque_ints(values: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
-    """``values`` as int32 scalars whose values XLA cannot see: offsets for cuts that
-    should share one compiled kernel.
-
-    XLA compiles a slice at a constant offset into a kernel of its own (the offset is
-    part of it); slices of one size at runtime offsets into arrays of one shape are one
-    kernel, and XLA:CPU compiles each distinct kernel once (24 matrices cut out of a
-    stack and subtracted, measured alone: 48 kernels in 1.06 s of compile become 3 in
-    0.15 s).
-
-    Args:
-      values: Python ints (offsets, positions).
-      witness: a replicated int32 scalar that is never negative (a step count). The
-        results are the outputs of a conditional on ``witness >= 0``; its other branch,
-        never taken, returns zeros, so that XLA cannot replace the conditional by its
-        constants.
-
-    Example:
-      >>> [int(v) for v in opaque_ints([0, 3, 5], jnp.int32(0))]
-      [0, 3, 5]
-    """
-    values = tuple(int(v) for v in values)
-    if not values:
-        return ()
-    return jax.lax.cond(witness >= 0,
-                        lambda: tuple(jnp.int32(v) for v in values),
-                        lambda: tuple(jnp.int32(0) for _ in values))
+                   / jnp.asarray(n, flat.dtype), count)
 
 
 #: Largest flat buffer (bytes) that :func:`pmean` and :func:`all_gather_packed` copy
@@ -290,11 +253,11 @@ def _buckets(leaves: list[Any]) -> list[list[int]]:
 
 
 def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array],
-            witness: jax.Array | None = None) -> Any:
+            count: jax.Array | None = None) -> Any:
     """``collective`` applied to the leaves packed into flat buffers (:func:`_buckets`);
     its result keeps any leading axes it adds (an all-gather's ``N``) in front of every
-    leaf's shape. With a ``witness`` (:func:`opaque_ints`) the leaves are cut back out at
-    offsets XLA cannot fold."""
+    leaf's shape. With the step ``count`` the leaves are cut back out at offsets XLA
+    cannot fold (:func:`lore_jax._xla.opaque_ints`)."""
     leaves, treedef = jax.tree.flatten(tree)
     out: list[Any] = [None] * len(leaves)
     for members in _buckets(leaves):
@@ -306,15 +269,15 @@ def _packed(tree: Any, collective: Callable[[jax.Array], jax.Array],
         flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in members]))
         sizes = [leaves[i].size for i in members]
         starts = np.cumsum([0] + sizes[:-1])
-        if witness is not None:
-            starts = opaque_ints(starts, witness)
+        if count is not None:
+            starts = _xla.opaque_ints(starts, count)
         for i, start, size in zip(members, starts, sizes, strict=True):
             part = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=flat.ndim - 1)
             out[i] = part.reshape(part.shape[:-1] + leaves[i].shape)
     return treedef.unflatten(out)
 
 
-def all_gather_packed(tree: Any, axis_name: AxisName, witness: jax.Array | None = None
+def all_gather_packed(tree: Any, axis_name: AxisName, count: jax.Array | None = None
                       ) -> Any:
     """:func:`all_gather` with the leaves packed as in :func:`pmean`, whatever their
     dtypes: an all-gather moves bits without arithmetic, so every leaf travels as its
@@ -327,7 +290,7 @@ def all_gather_packed(tree: Any, axis_name: AxisName, witness: jax.Array | None 
         return jax.tree.map(lambda x: x[None], tree)
     leaves, treedef = jax.tree.flatten(tree)
     as_bytes = _packed([_to_bytes(x) for x in leaves],
-                       lambda flat: all_gather(flat, axis_name), witness)
+                       lambda flat: all_gather(flat, axis_name), count)
     return treedef.unflatten([_from_bytes(b, x) for b, x in zip(as_bytes, leaves,
                                                                  strict=True)])
 

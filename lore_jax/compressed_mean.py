@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lore_jax import accounting, collectives, subspace
+from lore_jax import _xla, accounting, collectives, subspace
 from lore_jax import error_feedback as ef
 from lore_jax.compressors.base import DENSE, Compressor, MatrixGroups, work_dtype
 
@@ -379,9 +379,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
     all-reduce of their own (:func:`lore_jax.collectives.pmean`; the HLO tests and
     ``benchmarks/collectives.py`` count the ops). Every matrix's two reconstructions are
     cut out of its group's stacks at positions XLA cannot fold
-    (:func:`lore_jax.collectives.opaque_ints`), so that a group's cuts are one kernel:
-    XLA:CPU compiles every distinct kernel (about 10 ms each), and a cut at a constant
-    position is a kernel of its own.
+    (:func:`lore_jax._xla.opaque_ints`), so that a group's cuts are one kernel.
 
     Returns per leaf ``(c_local, c_bar, nbits)`` with the same keys and results as one
     matrix at a time (``nbits`` counts the leaf's dense pieces), the groups' new states,
@@ -396,8 +394,7 @@ def _send_grouped(compressor: Compressor, plans: list[_Leaf], base: jax.Array,
         c_local, c_bar, states, bits = _round_trip(compressor, st, axis_name, count)
     dense_bar = collectives.pmean(st.dense, axis_name, count)
     where = {g: n for n, g in enumerate(st.order)}
-    positions = collectives.opaque_ints(range(max((m.shape[0] for m in st.ms), default=0)),
-                                        count)
+    positions = _xla.opaque_ints(range(max((m.shape[0] for m in st.ms), default=0)), count)
 
     def cut(stack, slot, dtype):
         return subspace.unorient(
@@ -629,17 +626,17 @@ def compressed_mean(
                     batch_by_shape=batch_by_shape, dense=dense)
 
 
-def _checked_outputs(mode: ef.ErrorFeedback, outs: list, witness: list | None) -> list:
+def _checked_outputs(mode: ef.ErrorFeedback, outs: list, stacks: list | None) -> list:
     """The arrays to check for the output's finiteness: the per-group stacks every output
-    leaf is cut from and the dense means (``witness``, from :func:`_send_grouped`), where
+    leaf is cut from and the dense means (``stacks``, from :func:`_send_grouped`), where
     the output is such a cut in float32; the outputs themselves otherwise (leaf
     compressors; EF21, whose output adds the tracker; narrower dtypes, where the cast
     can overflow). A model's few stacks compile to a few reductions, its leaves to one
     or more each.
     """
-    if witness is None or ef.has_global(mode):
+    if stacks is None or ef.has_global(mode):
         return outs
-    return witness + [o for o in outs if o.dtype not in (jnp.float32, jnp.float64)]
+    return stacks + [o for o in outs if o.dtype not in (jnp.float32, jnp.float64)]
 
 
 class _Step(NamedTuple):
@@ -693,9 +690,9 @@ def _send(compressor: Compressor, plans: list[_Leaf], bases: tuple[jax.Array, ja
         return ([(loc, bar, n) for loc, bar, _, n in sent],
                 cstate_def.unflatten([cs for _, _, cs, _ in sent]), [], None)
     base = bases[0] if compressor.linear else bases[1]
-    sent, states, bits, witness = _send_grouped(compressor, plans, base, sends, cstate,
-                                                axis_name, count, batch_by_shape)
-    return sent, states, [bits], witness
+    sent, states, bits, stacks = _send_grouped(compressor, plans, base, sends, cstate,
+                                               axis_name, count, batch_by_shape)
+    return sent, states, [bits], stacks
 
 
 def _error_feedback_out(mode: ef.ErrorFeedback, leaves: list[jax.Array], step: _Step,
@@ -818,12 +815,12 @@ def pipeline(
                           else lambda: _describe_groups(compressor, plans, updates))
         leaves, treedef = jax.tree.flatten(updates)
         step = _error_feedback_in(mode, leaves, treedef, state)
-        sent, cstate, group_bits, witness = _send(
+        sent, cstate, group_bits, stacks = _send(
             compressor, plans, _step_bases(state, axis_name), leaves, step,
             state.compressor_state, _state_structure(updates), axis_name, state.count,
             batch_by_shape)
         outs, errors, trackers = _error_feedback_out(mode, leaves, step, sent)
-        finite, error_finite = _finite(_checked_outputs(mode, outs, witness), errors,
+        finite, error_finite = _finite(_checked_outputs(mode, outs, stacks), errors,
                                        collectives.model_axes(updates, axis_name),
                                        check_memory=compressor.groups is None)
         bits = [b for *_, nbits in sent for b in nbits] + group_bits
