@@ -19,7 +19,8 @@ identity compressor: EF14 memory resets to zero and EF21 trackers become exact, 
 is how GreedyLore's refresh steps reset (or, for EF21, initialise) the memory.
 
 The residual is always formed from the *local* reconstruction ``c_i``, before any
-collective (GreedyLore pitfall 5).
+collective: the memory keeps what this device's own message left out, as EF14 and
+EF21 require (Chen et al. 2025 for GreedyLore).
 """
 
 from __future__ import annotations

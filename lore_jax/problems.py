@@ -5,7 +5,7 @@ sparse "bag-of-words" design with a prescribed number of non-zeros per row, spli
 into ``m`` shards (workers). Every problem carries the constants the calculators of
 :mod:`lore_jax.theory` need, computed exactly in float64 NumPy: ``L``, ``mu``, the per-shard
 ``L_i`` and ``L_max``, ``x*``, ``f*``, the heterogeneity ``sigma*^2`` and the data's support
-statistics (spec §2, §3.4, §7).
+statistics (lore_jax spec §2 and §3.4, ``docs/spec.md``).
 
 Convention (spec §2, the paper's eq. (1)): the **sum** convention ``f(x) = sum_{i=1}^m
 f_i(x)``, with the regularizer split evenly over the shards:

@@ -1,7 +1,7 @@
 """Bounded-delay transforms that simulate asynchronous workers inside an optax chain.
 
-Two semantics of a parameter server that works with stale messages (lore_jax
-compressed-gradients spec §5.5-§5.6, the setting of Khirirat, Feyzmahdavian and Johansson,
+Two semantics of a parameter server that works with stale messages (lore_jax spec
+§5.5-§5.6, ``docs/spec.md``, the setting of Khirirat, Feyzmahdavian and Johansson,
 "Distributed learning with compressed gradients", arXiv:1806.06573):
 
 * :func:`stale` (A5, *delayed gradient*): at step ``k`` the device contributes the update
@@ -13,7 +13,7 @@ compressed-gradients spec §5.5-§5.6, the setting of Khirirat, Feyzmahdavian an
                        optax.sgd(lr))
 
   so the server applies ``mean_i Q_i(grad f_i(x_{k - tau_i(k)}))`` (with ``axis_name=None``
-  on one device: ``Q(grad f(x_{k - tau_k}))``, spec A5).
+  on one device: ``Q(grad f(x_{k - tau_k}))``, spec §5.5).
 * :func:`reuse_last` (A6, *reuse the last stored message*): the device contributes the
   update it received at its last *report*; between reports the server reuses that stored
   message. Placed **after** a worker-local compression and before the mean over devices,
@@ -22,7 +22,7 @@ compressed-gradients spec §5.5-§5.6, the setting of Khirirat, Feyzmahdavian an
 In both, ``updates`` are the device's local updates and the delay of a step is recorded in
 the state (``delay``) for logging. Before ``max_delay`` steps have passed, a delay never
 reaches back before step 0: the delay is clipped to ``k`` (the oldest available update is
-used, which is the spec's convention ``x_j = x_0`` for ``j < 0``); nothing is ever read
+used, which is the convention ``x_j = x_0`` for ``j < 0``); nothing is ever read
 from an empty slot, so the first step returns its input unchanged.
 """
 
@@ -107,7 +107,7 @@ def stale(
 ) -> optax.GradientTransformation:
     """Delays updates by ``tau_k`` steps, ``0 <= tau_k <= max_delay`` (bounded asynchrony).
 
-    Simulates the parameter server of the spec's A5, ``x_{k+1} = x_k - gamma Q(grad f(x_{k -
+    Simulates the parameter server of A5 (spec §5.5), ``x_{k+1} = x_k - gamma Q(grad f(x_{k -
     tau_k}))``: step ``k`` stores its input ``u_k`` in a ring buffer of the last ``max_delay
     + 1`` inputs and returns ``u_{k - tau_k}``. Schedules:
 
@@ -118,7 +118,7 @@ def stale(
       ``fold_in(fold_in(key, k), axis_index(axis_name))``.
 
     Put it before a compressor so that the delayed gradient is compressed afresh each step
-    (the spec's A5); see :func:`lore_jax.theory.stale_cgd` for the admissible step. Memory:
+    (A5, spec §5.5); see :func:`lore_jax.theory.stale_cgd` for the admissible step. Memory:
     ``max_delay + 1`` copies of the updates per device.
 
     Args:
@@ -190,7 +190,7 @@ def reuse_last(
 ) -> optax.GradientTransformation:
     """Returns the last *reported* update; a device reports at least every ``max_delay + 1`` steps.
 
-    Simulates the message table of the spec's A6 (asynchronous compressed incremental
+    Simulates the message table of A6 (spec §5.6) (asynchronous compressed incremental
     aggregated gradient): the server keeps each worker's last message ``g_i = Q_i(grad
     f_i(x_{k - tau_i(k)}))`` and reuses it until the worker reports again, so the
     compression noise is *not* fresh. Every device reports at step 0; afterwards a device

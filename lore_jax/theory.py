@@ -1,6 +1,7 @@
 """Step sizes, rates and iteration/bit complexities for compressed and stale gradient methods.
 
-One calculator per algorithm of the lore_jax compressed-gradients spec (§5), for the
+One calculator per algorithm of the lore_jax spec (§5 of ``docs/spec.md``, the
+documentation's Spec page; "spec §N" below is its section N), for the
 framework of Khirirat, Feyzmahdavian and Johansson, "Distributed learning with compressed
 gradients" (arXiv:1806.06573): gradient methods whose messages pass through a compressor
 ``Q`` and may be stale.

@@ -24,7 +24,8 @@ of them into a data-parallel mean with error feedback. Kind, constant (``d`` ent
 * :func:`as_contraction`: ``Q / alpha`` of an unbiased ``Q``, contractive with
   ``delta = 1/alpha``.
 
-The constants are derived in the lore_jax spec, consistent with the framework of
+The constants are derived in the lore_jax spec (``docs/spec.md``, the documentation's
+Spec page, §3-§4), consistent with the framework of
 Khirirat, Feyzmahdavian and Johansson (2018); they are not quoted from that paper.
 """
 

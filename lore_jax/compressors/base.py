@@ -12,8 +12,8 @@ A :class:`Compressor` is a bundle of pure functions acting on one gradient leaf 
   round *inside* compression (PowerSGD); it defaults to the identity (one device).
 * ``decompress(payload, ctx) -> x_hat``, the same shape and dtype as ``x``.
 * ``bits(shape, dtype) -> int | None``: the fixed-length message size of the lore_jax
-  spec (section 4, "bits (fixed)": float32 = 32 bits, an index = ``ceil(log2 d)`` bits);
-  ``None`` where the size depends on the data (Bernoulli sparsification).
+  spec (``docs/spec.md`` §4, "bits": float32 = 32 bits, an index = ``ceil(log2 d)``
+  bits); ``None`` where the size depends on the data (Bernoulli sparsification).
 * ``payload_bits(payload, ctx) -> int | Array``: the bits one device puts into collectives
   for this leaf, i.e. the size of the buffers :func:`lore_jax.compressed_mean` all-reduces
   or all-gathers (inner rounds included). It differs from ``bits`` only by the word padding
@@ -21,13 +21,13 @@ A :class:`Compressor` is a bundle of pure functions acting on one gradient leaf 
   schemes count but never send (the seed is derived from the replicated key). Bernoulli
   sparsification, whose message length is random, reports its encoded length (a traced
   integer): XLA collectives have static shapes, so its values travel in a dense buffer.
-* ``kind`` and ``constant(shape, v)``: the compressor's class (spec section 3) and its
+* ``kind`` and ``constant(shape, v)``: the compressor's class (spec §3) and its
   constant: ``alpha`` (``E||Q(v)||^2 <= alpha ||v||^2``, ``E Q(v) = v``) for ``"unbiased"``,
   ``delta`` (``||Q(v) - v||^2 <= (1 - delta) ||v||^2``) for ``"contractive"``, ``epsilon``
   (``||Q(v) - v|| <= epsilon``) for ``"absolute"``; ``"none"`` has no constant. Query them
   with :meth:`Compressor.alpha` / ``omega`` / ``delta`` / ``epsilon``, passing a shape (the
   worst case over inputs of that shape) or an array (its ``nnz`` and values refine the
-  constant, spec section 3.4).
+  constant, spec §3.4).
 * ``linear``: whether the mean over devices of the reconstructions equals the
   reconstruction of the mean payload (shared randomness / shared factors), so that
   :func:`lore_jax.compressed_mean` can ``psum`` payloads; otherwise it all-gathers them.
@@ -47,8 +47,9 @@ A :class:`Compressor` is a bundle of pure functions acting on one gradient leaf 
   the whole model into one buffer. The low-rank compressors implement ``compress`` and
   ``decompress`` of one leaf as a stack of one.
 
-All constants are derived in the lore_jax spec, consistent with the framework of Khirirat,
-Feyzmahdavian and Johansson (2018); they are not quoted from that paper.
+All constants are derived in the lore_jax spec (``docs/spec.md``, the documentation's Spec
+page), consistent with the framework of Khirirat, Feyzmahdavian and Johansson (2018); they
+are not quoted from that paper.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class Compressor(NamedTuple):
       linear: payloads may be averaged before decompression (all-reduce).
       compress: ``(key, x, state=None, mean=None) -> (payload, ctx)``.
       decompress: ``(payload, ctx) -> x_hat``, ``x``'s shape and dtype.
-      bits: ``(shape, dtype=float32) -> int | None``, the spec's fixed-length count.
+      bits: ``(shape, dtype=float32) -> int | None``, the spec's fixed-length count (§4).
       constant: ``(shape, v | None) -> alpha | delta | epsilon`` (``None`` for ``"none"``).
       payload_bits: ``(payload, ctx) -> int | Array``, the bits sent into collectives
         (default: the size of the payload's arrays).
@@ -304,7 +305,7 @@ def as_contraction(compressor: Compressor) -> Compressor:
 
     If ``E Q(v) = v`` and ``E||Q(v)||^2 <= alpha ||v||^2`` then
     ``E||Q(v)/alpha - v||^2 <= (1 - 1/alpha) ||v||^2``: a contraction (in expectation)
-    with ``delta = 1/alpha`` (spec section 3.1, property 3). ``alpha`` is the worst case
+    with ``delta = 1/alpha`` (spec §3.1, property 3). ``alpha`` is the worst case
     for the leaf's shape, so the scaling is static and linearity is kept.
 
     Args:

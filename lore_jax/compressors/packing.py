@@ -3,8 +3,9 @@
 A compressor that sends ``w``-bit codes (signs, quantization levels, indices) packs them
 densely: code ``i`` occupies bits ``[i w, (i + 1) w)`` of the little-endian bit stream held
 in ``ceil(n w / 32)`` words, so ``n`` codes cost ``32 ceil(n w / 32)`` bits on the wire, at
-most 31 bits more than the ``n w`` of the spec's fixed-length count. A code may straddle
-two words; bit fields never overlap, so scattering them with an add is a bitwise or.
+most 31 bits more than the ``n w`` of the fixed-length count (``docs/spec.md`` §4). A
+code may straddle two words; bit fields never overlap, so scattering them with an add is
+a bitwise or.
 """
 
 from __future__ import annotations

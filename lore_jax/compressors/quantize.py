@@ -1,4 +1,6 @@
-"""Quantizers: QSGD, TernGrad, b-bit stochastic rounding and grid rounding (spec rows 3-7).
+"""Quantizers: QSGD, TernGrad, b-bit stochastic rounding and grid rounding (spec §4, rows 3-7).
+
+"Spec" is the lore_jax spec, the documentation's Spec page (``docs/spec.md``).
 
 QSGD, TernGrad and stochastic rounding are one scheme, random dithering: per bucket of
 ``B`` entries a norm ``n`` (``||.||_2`` or ``||.||_inf``) is sent as float32 and each entry
@@ -86,7 +88,7 @@ def qsgd(levels: int, bucket_size: int | None = None) -> Compressor:
     in the lore_jax spec, consistent with the framework of Khirirat et al. 2018; not
     quoted from that paper). ``s = 1`` is l2 random dithering.
 
-    Bits (spec section 4, row 5): ``32 ceil(d/B) + d (1 + ceil(log2(s + 1)))``.
+    Bits (spec §4, row 5): ``32 ceil(d/B) + d (1 + ceil(log2(s + 1)))``.
 
     Args:
       levels: ``s >= 1``.
@@ -129,7 +131,7 @@ def terngrad(clip: float | None = None) -> Compressor:
     from that paper). With ``clip`` (the practical variant of Wen et al.: entries clipped
     to ``clip * std(v)`` first, typically 2.5) it is biased and has no declared class.
 
-    Bits (spec section 4, row 3): ``32 + 2 d`` (the scale and a 2-bit code per entry).
+    Bits (spec §4, row 3): ``32 + 2 d`` (the scale and a 2-bit code per entry).
 
     Args:
       clip: ``None`` (default, the unbiased analysed version) or the clipping multiple
@@ -168,7 +170,7 @@ def stochastic_rounding(bits: int) -> Compressor:
     ``alpha = 1 + min(nnz / (4 S^2), sqrt(nnz) / S)`` (derived in the lore_jax spec,
     consistent with the framework of Khirirat et al. 2018; not quoted from that paper).
 
-    Bits (spec section 4, row 6): ``b d + 32``.
+    Bits (spec §4, row 6): ``b d + 32``.
 
     Args:
       bits: ``b >= 2`` bits per entry.
@@ -209,7 +211,7 @@ def grid_rounding(step: float, max_abs: float | None = None) -> Compressor:
     step)``, entries beyond it are clipped, and the bound holds for
     ``||v||_inf <= (L + 1/2) step``.
 
-    Bits (spec section 4, row 7): ``b d`` with ``b = ceil(log2(2L + 1))`` (the spec's
+    Bits (spec §4, row 7): ``b d`` with ``b = ceil(log2(2L + 1))`` (the spec's
     ``ceil(log2(range/step + 1))`` with ``range = 2 L step``); ``32 d`` (int32 codes)
     without ``max_abs``.
 

@@ -1,4 +1,6 @@
-"""Sign compressors: 1-bit sign and scaled sign (spec section 4, rows 9 and 10).
+"""Sign compressors: 1-bit sign and scaled sign (spec §4, rows 9 and 10).
+
+"Spec" is the lore_jax spec, the documentation's Spec page (``docs/spec.md``).
 
 The sign of each entry is packed at one bit (``v_i >= 0`` is sent as ``+1``: one bit cannot
 carry a zero).
@@ -73,7 +75,7 @@ def scaled_sign() -> Compressor:
     Gaussian ``v``); the worst case over a shape is ``1/d`` (derived in the lore_jax spec,
     consistent with the framework of Khirirat et al. 2018; not quoted from that paper).
 
-    Bits (spec section 4, row 10): ``d + 32`` (one bit per entry and the scale).
+    Bits (spec §4, row 10): ``d + 32`` (one bit per entry and the scale).
 
     Returns:
       A :class:`Compressor` (kind ``"contractive"``, not linear).

@@ -1,4 +1,6 @@
-"""Sparsifiers: Bernoulli sparsification, random-k and top-k (spec section 4, rows 1, 2, 8).
+"""Sparsifiers: Bernoulli sparsification, random-k and top-k (spec §4, rows 1, 2, 8).
+
+"Spec" is the lore_jax spec, the documentation's Spec page (``docs/spec.md``).
 
 Each sends a subset of the entries of ``v = x.reshape(-1)`` (``d`` entries). Index
 variants send the kept values with their indices, packed at ``ceil(log2 d)`` bits each;
@@ -92,7 +94,7 @@ def random_k(k: int | None = None, *, fraction: float | None = None,
     in the lore_jax spec, consistent with the framework of Khirirat et al. 2018; not
     quoted from the paper). Leaves with ``d <= k`` are sent dense (``alpha = 1``).
 
-    Bits (spec section 4, row 2): ``k (32 + ceil(log2 d))`` with indices; ``32 k + 32``
+    Bits (spec §4, row 2): ``k (32 + ceil(log2 d))`` with indices; ``32 k + 32``
     with a shared seed (the values and the seed; under :func:`lore_jax.compressed_mean`
     the seed comes from the replicated key and is not sent); the dense leaf when
     ``d <= k``.
@@ -141,7 +143,7 @@ def top_k(k: int | None = None, *, fraction: float | None = None) -> Compressor:
     ``delta = min(1, k / nnz)`` (derived in the lore_jax spec, consistent with the
     framework of Khirirat et al. 2018; not quoted from that paper).
 
-    Bits (spec section 4, row 8): ``k (32 + ceil(log2 d))``; the dense leaf when ``d <= k``.
+    Bits (spec §4, row 8): ``k (32 + ceil(log2 d))``; the dense leaf when ``d <= k``.
 
     Args:
       k: entries kept per leaf, ``>= 1``.
@@ -196,7 +198,7 @@ def bernoulli(p: float, *, magnitude: bool = False, shared_seed: bool = False) -
     (both derived in the lore_jax spec, consistent with the framework of Khirirat et al.
     2018; not quoted from the paper).
 
-    Bits (spec section 4, row 1): data dependent, ``nnz(Q(v)) (32 + ceil(log2 d))`` with
+    Bits (spec §4, row 1): data dependent, ``nnz(Q(v)) (32 + ceil(log2 d))`` with
     indices, ``32 m + 32`` with a shared-seed mask of ``m`` kept entries. ``bits`` returns
     ``None``; ``payload_bits`` returns the traced count (without the shared seed, which
     :func:`lore_jax.compressed_mean` derives from the replicated key). XLA collectives have

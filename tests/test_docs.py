@@ -1,14 +1,19 @@
-"""The README's Python blocks, executed as they stand and checked for what they claim.
+"""The Python blocks of README.md and docs/*.md, executed as they stand and checked.
 
-The blocks are read from README.md (never copied here) and run in order in one
-namespace, as a reader would paste them into one session. Each test then checks a
-block's claim against an independent reference: a dense-mean run of the same code, a
-single-device full-batch gradient, the compiled HLO, or the layout the block promises.
+The blocks are read from the pages (never copied here) and run in order, one namespace
+per page, as a reader would paste them into one session; a page whose source says
+``<!-- continues: README.md -->`` starts from the namespace the README's blocks left.
+Each claim test then checks a block, found by a marker string wherever it lives,
+against an independent reference: a dense-mean run of the same code, a single-device
+full-batch gradient, the compiled HLO, or the layout the block promises. The pages'
+``lore-jax`` command lines are parsed with the command's own parser, the README's size
+is checked, and the API reference must name every public object.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import jax
@@ -21,33 +26,67 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lore_jax
+from lore_jax import cli
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 N = 8
+# Options of the older GreedyLore API; the pages document the current one only.
+REMOVED = re.compile(r"--probes|--refresh|--allocation|--track-every|--tracking power|"
+                     r"\bprobes=|\ballocation=|\brefresh=|refresh_iters|track_every|"
+                     r'tracking="power"')
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+def command_lines(page: Path) -> list[list[str]]:
+    """The ``lore-jax`` commands of a page's bash blocks (also after ``&&``)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in block.splitlines():
+            for part in line.split(" #")[0].split("&&"):
+                if part.strip().startswith("lore-jax"):
+                    commands.append(shlex.split(part)[1:])
+    return commands
+
+
+def continues(page: Path) -> str | None:
+    found = re.search(r"<!-- continues: (\S+) -->", page.read_text())
+    return found and found.group(1)
 
 
 @pytest.fixture(scope="module")
-def readme() -> list[tuple[str, dict]]:
-    """Each Python block of the README with the namespace as it was right after it ran."""
-    namespace: dict = {"__name__": "readme"}
-    after = []
-    for i, block in enumerate(python_blocks()):
-        exec(compile(block, f"README.md, Python block {i + 1}", "exec"), namespace)
-        after.append((block, dict(namespace)))
-    return after
+def pages() -> dict[str, list[tuple[str, dict]]]:
+    """Per page, each Python block with the namespace as it was right after it ran."""
+    done: dict[str, list[tuple[str, dict]]] = {}
+    for page in PAGES:
+        before = continues(page)
+        assert before is None or done.get(before), (name(page), before)
+        namespace = dict(done[before][-1][1]) if before else {"__name__": "docs"}
+        after = []
+        for i, block in enumerate(python_blocks(page)):
+            exec(compile(block, f"{name(page)}, Python block {i + 1}", "exec"), namespace)
+            after.append((block, dict(namespace)))
+        done[name(page)] = after
+    return done
 
 
-def after(readme, marker: str) -> dict:
-    """The namespace right after the first block containing ``marker``."""
-    return next(ns for block, ns in readme if marker in block)
+def after(pages, marker: str) -> dict:
+    """The namespace right after the one block, on any page, containing ``marker``."""
+    found = [ns for blocks in pages.values() for block, ns in blocks if marker in block]
+    assert len(found) == 1, (marker, len(found))
+    return found[0]
 
 
 def dense(ns) -> optax.GradientTransformation:
-    """The uncompressed baseline, with the README's base optimizer."""
+    """The uncompressed baseline, with the quickstart's base optimizer."""
     mean = lore_jax.compressed_mean(lore_jax.compressors.identity(), error_feedback=None)
     return optax.chain(mean, ns["base"])
 
@@ -72,17 +111,17 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_the_readme_has_the_documented_blocks():
-    blocks = python_blocks()
-    for name in ("data_parallel(loss_fn, tx, mesh)", "per_device(params)", "jax.pmap",
-                 "nnx.Optimizer", "micro_batches=4", "multi_steps", "apply_if_finite",
-                 '("data", "model")', "weight_dimension_numbers"):
-        assert any(name in b for b in blocks), name
+def test_the_pages_have_the_documented_blocks():
+    blocks = [b for page in PAGES for b in python_blocks(page)]
+    for marker in ("data_parallel(loss_fn, tx, mesh)", "per_device(params)", "jax.pmap",
+                   "nnx.Optimizer", "micro_batches=4", "multi_steps", "apply_if_finite",
+                   '("data", "model")', "weight_dimension_numbers"):
+        assert any(marker in b for b in blocks), marker
 
 
 @pytest.mark.slow
-def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(readme):
-    ns = after(readme, "def fit(")
+def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(pages):
+    ns = after(pages, "def fit(")
     lore = held_out(ns, ns["loss_fn"], ns["params"])
     dense_params, _ = ns["fit"](dense(ns))
     baseline = held_out(ns, ns["loss_fn"], dense_params)
@@ -93,8 +132,8 @@ def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(re
     assert comm["bits_dense"] >= 10 * comm["bits_sent"], comm
 
 
-def test_data_parallel_step_all_reduces_what_communication_reports(readme):
-    ns = after(readme, "def fit(")
+def test_data_parallel_step_all_reduces_what_communication_reports(pages):
+    ns = after(pages, "def fit(")
     train = lore_jax.data_parallel(ns["loss_fn"], ns["tx"], ns["mesh"], donate=False)
     params, state = ns["init_params"](), train.init(ns["init_params"]())
     batch = ns["batch_at"](0)
@@ -113,8 +152,8 @@ def test_data_parallel_step_all_reduces_what_communication_reports(readme):
         assert bits(state) - before == outside - 32 + phase
 
 
-def test_shard_map_block_applies_the_mean_gradient_and_sends_no_dense_matrix(readme):
-    ns = after(readme, "lore_jax.per_device(params)")
+def test_shard_map_block_applies_the_mean_gradient_and_sends_no_dense_matrix(pages):
+    ns = after(pages, "lore_jax.per_device(params)")
     # One step (a dense warm-up step, exact): the full-batch gradient, not N times it.
     assert_trees_close(ns["params"], full_batch_sgd_step(ns, ns["batch_at"](0)))
     text = ns["step"].lower(ns["params"], ns["opt_state"], ns["batch"]).compile().as_text()
@@ -129,20 +168,20 @@ def test_shard_map_block_applies_the_mean_gradient_and_sends_no_dense_matrix(rea
                            for _, s in c["shapes"]), c
 
 
-def test_pmap_block_takes_the_same_step_on_every_device(readme):
-    ns = after(readme, "jax.pmap")
+def test_pmap_block_takes_the_same_step_on_every_device(pages):
+    ns = after(pages, "jax.pmap")
     reference = full_batch_sgd_step(ns, ns["batch_at"](0))
     for k, v in ns["stacked"].items():
         v = np.asarray(v)
         assert v.shape[0] == jax.local_device_count()
         for copy in v:
             np.testing.assert_allclose(copy, np.asarray(reference[k]), rtol=1e-5, atol=1e-6)
-    assert bits(ns["pmap_state"]) == bits(after(readme, "per_device(params)")["opt_state"])
+    assert bits(ns["pmap_state"]) == bits(after(pages, "per_device(params)")["opt_state"])
 
 
 @pytest.mark.slow
-def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(readme):
-    ns = after(readme, "nnx.Optimizer")
+def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(pages):
+    ns = after(pages, "nnx.Optimizer")
     lore = held_out(ns, ns["nnx_loss"], ns["model"])
     (dense_model, _), _, _ = ns["fit_nnx"](dense(ns))
     baseline = held_out(ns, ns["nnx_loss"], dense_model)
@@ -168,8 +207,8 @@ def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(
         assert bits(state) - before == outside + compressed
 
 
-def test_accumulation_blocks_communicate_once_per_optimizer_step(readme):
-    ns = after(readme, "micro_batches=4")
+def test_accumulation_blocks_communicate_once_per_optimizer_step(pages):
+    ns = after(pages, "micro_batches=4")
     loss_fn, mesh, tx = ns["loss_fn"], ns["mesh"], ns["tx"]
     batch = ns["batch_at"](0)
     # micro_batches=4 averages the 4 micro-batch gradients: the same step as one batch.
@@ -207,8 +246,8 @@ def _one_bad_device(ns, device: int = 3):
 
 
 @pytest.mark.parametrize("mapping", ["shard_map", "pmap"])
-def test_apply_if_finite_block_skips_a_nan_on_one_device(readme, mapping):
-    ns = after(readme, "apply_if_finite")
+def test_apply_if_finite_block_skips_a_nan_on_one_device(pages, mapping):
+    ns = after(pages, "apply_if_finite")
     tx, loss_fn, mesh = ns["safe_tx"], ns["loss_fn"], ns["mesh"]
     good, bad = ns["batch_at"](0), _one_bad_device(ns)
     if mapping == "shard_map":
@@ -250,8 +289,8 @@ def lead(x) -> object:
     return x.sharding.spec[0]
 
 
-def test_model_sharded_block_matches_the_unsharded_step(readme):
-    ns = after(readme, '("data", "model")')
+def test_model_sharded_block_matches_the_unsharded_step(pages):
+    ns = after(pages, '("data", "model")')
     state = ns["tp_state"]
     gl = state[0]
     bases = [s.basis for s in greedylore_bases(gl)]
@@ -275,8 +314,8 @@ def test_model_sharded_block_matches_the_unsharded_step(readme):
                                rtol=1e-5)
 
 
-def test_dimension_numbers_block_views_attention_kernels_as_their_linear_maps(readme):
-    ns = after(readme, "weight_dimension_numbers")
+def test_dimension_numbers_block_views_attention_kernels_as_their_linear_maps(pages):
+    ns = after(pages, "weight_dimension_numbers")
     dims = ns["dims"]
     assert dims["query"]["kernel"] == lore_jax.DimensionNumbers((0,), (1, 2))
     assert dims["out"]["kernel"] == lore_jax.DimensionNumbers((0, 1), (2,))
@@ -289,3 +328,55 @@ def test_dimension_numbers_block_views_attention_kernels_as_their_linear_maps(re
     assert [s.basis.shape for s in greedylore_bases(lore_state)] == [(4, 64, 5)]
     stacked_state = ns["stacked_tx"].init({"layers": jnp.zeros((3, 16, 32))})
     assert [s.basis.shape for s in greedylore_bases(stacked_state)] == [(3, 16, 5)]
+
+
+def test_readme_is_a_front_page():
+    """At most ~200 lines and 12 KB, opening with the two commands after the intro."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200 and len(text.encode()) <= 12 * 1024
+    first = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert first.start() < 600, first.start()
+    lines = [line.split(" #")[0].strip() for line in first.group(1).splitlines()]
+    assert lines == ['pip install -e ".[dev]" && lore-jax',
+                     'pip install -e ".[dev]" && python -m pytest']
+
+
+@pytest.mark.parametrize("page", PAGES, ids=name)
+def test_command_lines_parse(page):
+    """Every ``lore-jax`` line parses with the command's parser, a cluster's job too."""
+    parser = cli.build_parser()
+    for argv in command_lines(page):
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            argv = ["compare", *argv]
+        if argv in (["-h"], ["--help"]):
+            continue
+        args = parser.parse_args(argv or ["compare"])
+        if args.command == "cluster" and not args.check:
+            job = args.job[1:] if args.job[:1] == ["--"] else args.job
+            parser.parse_args(job)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "greedylore_derivations.md"],
+                         ids=name)
+def test_pages_use_the_current_options_only(page):
+    text = page.read_text()
+    assert not REMOVED.findall(text), (name(page), REMOVED.findall(text))
+
+
+def autodoc_targets(text: str) -> dict[str, str]:
+    """``{object: its directive's options}`` for every autodoc directive of a page."""
+    found = re.findall(r"```\{auto(?:function|class|data|module|method|attribute)\} (\S+)\n"
+                       r"(.*?)```", text, re.S)
+    return dict(found)
+
+
+def test_the_api_reference_documents_every_public_name():
+    targets = autodoc_targets((ROOT / "docs" / "api.md").read_text())
+    for module in ("lore_jax", "lore_jax.compressors", "lore_jax.theory"):
+        public = __import__(module, fromlist=["__all__"]).__all__
+        whole = targets.get(module, "")
+        for public_name in public:
+            full = f"{module}.{public_name}"
+            covered = full in targets or (":members:\n" in whole
+                                          or re.search(r":members:\s*\n", whole))
+            assert covered, full
