@@ -55,7 +55,8 @@ def methods(rank: int, tau: int, t0: int, rate: float, fraction: float
             ) -> dict[str, Callable[[], optax.GradientTransformation] | None]:
     """Name -> builder of the transform applied to the compressible leaves."""
     out: dict[str, Any] = {
-        "dense": lambda: common.dense_mean(),
+        "dense": lambda: lore_jax.compressed_mean(lore_jax.compressors.identity(),
+                                                  error_feedback=None),
         f"greedylore r={rank}": lambda: lore_jax.greedylore(   # the paper's settings
             rank, update_interval=tau, warmup_steps=t0, axis_name=common.AXIS,
             min_compression_rate=rate, tracking="off"),

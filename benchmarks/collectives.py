@@ -11,7 +11,7 @@ leaves of many shapes), and for dense, PowerSGD (batched by shape, and with
   branches together, and for GreedyLore those a compressed step runs (its warm-up and
   refresh branches left out); XLA may have merged several into one tuple-shaped op;
 * the compile time (lowering plus XLA) of the **training step** (forward, backward, the
-  transform and Adam, as :func:`benchmarks.common.plain_train_step` builds it) and of the
+  transform and Adam: :func:`lore_jax.data_parallel`'s step, not donating) and of the
   update step alone, each relative to dense's; each the best of ``--compiles`` compiles
   from cold caches; the training step's ratio is the median over its compiles of each
   one's ratio to dense's compiled right after it;
@@ -93,7 +93,7 @@ def gpt(layers: int, width: int = 256, vocab: int = 512, context: int = 128) -> 
 def transforms(rank: int) -> dict[str, Any]:
     """The transforms compared, by name; dense first (the others' reference)."""
     return {
-        "dense": common.dense_mean(),
+        "dense": lore_jax.compressed_mean(compressors.identity(), error_feedback=None),
         "powersgd": lore_jax.compressed_mean(compressors.powersgd(rank)),
         "powersgd per matrix": lore_jax.compressed_mean(compressors.powersgd(rank),
                                                         batch_by_shape=False),
@@ -186,15 +186,16 @@ def measure_update(name: str, tx, params, mesh, repeats: int, compiles: int = 1
     return row
 
 
-def training_step(tx, model: Model, apply_fn, params, mesh) -> tuple[Callable, tuple]:
-    """The whole training step (forward, backward, ``tx`` then Adam), jitted, and its
-    inputs ``(params, state, x, y)``."""
+def training_step(tx, model: Model, apply_fn, params, mesh
+                  ) -> tuple[lore_jax.DataParallel, tuple]:
+    """The whole training step (forward, backward, ``tx`` then Adam) of
+    :func:`lore_jax.data_parallel`, not donating, and its inputs ``(params, state,
+    batch)``, placed (``.lower(*inputs)`` lowers it)."""
     tx = optax.chain(tx, optax.adam(1e-3))
-    state = lore_jax.sharded_init(tx, params, mesh, AXIS)
-    step = common.plain_train_step(apply_fn, model.kind, tx, mesh,
-                                   common.abstract_state(tx, params, mesh)[1])
-    batch = [jax.device_put(v, NamedSharding(mesh, P(AXIS))) for v in (model.x, model.y)]
-    return step, (params, state, *batch)
+    train = lore_jax.data_parallel(common.task_loss(model.kind, apply_fn), tx, mesh,
+                                   axis_name=AXIS, donate=False)
+    batch = tuple(jax.device_put(v, NamedSharding(mesh, P(AXIS))) for v in (model.x, model.y))
+    return train, (params, train.init(params), batch)
 
 
 def measure_training(tx, model: Model, apply_fn, params, mesh, repeats: int,

@@ -189,20 +189,6 @@ def ints(text: str) -> list[int]:
 # ----------------------------------------------------------------------------- transforms
 
 
-def dense_mean(axis_name: Hashable | None = AXIS) -> optax.GradientTransformation:
-    """The uncompressed baseline: one mean all-reduce per gradient leaf."""
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        return lore_jax.collectives.pmean(updates, axis_name), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def compressors_module() -> Any | None:
     """``lore_jax.compressors`` and ``compressed_mean``, or ``None`` when not installed."""
     try:
@@ -215,7 +201,8 @@ def compressors_module() -> Any | None:
 
 def with_dense(tx: optax.GradientTransformation, dense_mask: Any,
                axis_name: Hashable = AXIS) -> optax.GradientTransformation:
-    """``tx`` on the leaves where ``dense_mask`` is False, a dense mean on the others.
+    """``tx`` on the leaves where ``dense_mask`` is False, a dense mean (the identity
+    compressor's :func:`lore_jax.compressed_mean`) on the others.
 
     ``dense_mask`` is a pytree of bools like the parameters, or a callable returning one.
     """
@@ -223,8 +210,9 @@ def with_dense(tx: optax.GradientTransformation, dense_mask: Any,
         mask = dense_mask(params) if callable(dense_mask) else dense_mask
         return jax.tree.map(lambda m: not m, mask)
 
-    return optax.chain(optax.masked(tx, compressed),
-                       optax.masked(dense_mean(axis_name), dense_mask))
+    dense = lore_jax.compressed_mean(lore_jax.compressors.identity(), axis_name=axis_name,
+                                     error_feedback=None)
+    return optax.chain(optax.masked(tx, compressed), optax.masked(dense, dense_mask))
 
 
 # ----------------------------------------------------------------------------- HLO
@@ -297,10 +285,38 @@ def wire_bits(hlo_text: str, n: int) -> dict[str, Any]:
 
 def training_available() -> bool:
     try:
-        from lore_jax.training import data, models, step, tasks  # noqa: F401
+        from lore_jax.training import data, loop, models, tasks  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def task_loss(kind: str, apply_fn: Callable) -> Callable:
+    """The mean loss of :func:`lore_jax.training.tasks.loss_fn` alone, without its
+    metrics: the loss the timed steps train (their only other collective is its mean)."""
+    from lore_jax.training import tasks
+
+    loss = tasks.loss_fn(kind, apply_fn)
+    return lambda params, batch: loss(params, batch)[0]
+
+
+def compiled_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh, params: Any,
+                  batch: tuple, compiler_options: dict[str, Any] | None = None
+                  ) -> tuple[Any, tuple, float]:
+    """:func:`lore_jax.data_parallel`'s step, compiled, without buffer donation: one
+    ``(params, state, batch)`` input can be timed again and again (e.g. in a chosen
+    GreedyLore phase, :func:`with_count`).
+
+    Returns:
+      ``(compiled, (params, state, batch), compile_s)``: ``compiled(params, state,
+      batch)`` with the inputs placed on the mesh; ``compile_s`` covers lowering and XLA.
+    """
+    train = lore_jax.data_parallel(loss_fn, tx, mesh, axis_name=AXIS, donate=False)
+    state = train.init(params)
+    batch = tuple(lore_jax.layout.global_array(a, mesh, P(AXIS)) for a in batch)
+    t = time.perf_counter()
+    compiled = train.lower(params, state, batch).compile(compiler_options=compiler_options)
+    return compiled, (params, state, batch), time.perf_counter() - t
 
 
 def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
@@ -312,8 +328,9 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
               compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains ``task`` with the optax chain ``tx`` (which must average over ``"data"``).
 
-    Built from :mod:`lore_jax.training` (data, NNX models, the shard_map train step), with
-    any transform. Every ``eval_every`` steps (and at the last) the test loss is measured
+    The data and NNX models of :mod:`lore_jax.training`, trained by
+    :func:`lore_jax.data_parallel` on :func:`lore_jax.training.tasks.loss_fn`, with any
+    transform. Every ``eval_every`` steps (and at the last) the test loss is measured
     on :func:`eval_subset` ``(dataset, eval_examples)`` (``None``: the whole test set).
     The loop stops early once the target is reached: with ``target_metric="train"`` when
     the mean training loss over the last ``window`` steps is at most ``target``; with
@@ -332,10 +349,8 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
       with a target, ``steps_to_target``,
       ``time_to_target`` and ``bits_to_target`` (``None`` when it was not reached).
     """
-    from jax.sharding import PartitionSpec as P
-
     from lore_jax.training import data as data_lib
-    from lore_jax.training import step as step_lib
+    from lore_jax.training import loop, tasks
 
     if target_metric not in ("train", "test"):
         raise ValueError(f"target_metric must be 'train' or 'test', got {target_metric!r}.")
@@ -343,21 +358,18 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
         raise ValueError(f"a test-loss target needs eval_every >= 1, got {eval_every}.")
     setup = task_setup(task, mesh, model=model, seed=seed, seq_len=seq_len, hidden=hidden,
                        d_model=d_model, num_heads=num_heads, num_layers=num_layers, data=data)
-    dataset, apply_fn, params = setup["dataset"], setup["apply"], setup["params"]
+    dataset, params = setup["dataset"], setup["params"]
     x_eval, y_eval = eval_subset(dataset, eval_examples)
-    opt_state, specs = step_lib.init_optimizer(tx, params, mesh, AXIS)
-    train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
-    eval_step = step_lib.make_eval_step(apply_fn, dataset.kind, mesh, AXIS)
+    train = lore_jax.data_parallel(tasks.loss_fn(dataset.kind, setup["apply"]), tx, mesh,
+                                   axis_name=AXIS, has_aux=True,
+                                   compiler_options=compiler_options)
+    opt_state = train.init(params)
     stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, batch_size, seed)
 
-    def put(a):
-        return step_lib.global_array(a, mesh, P(AXIS))
-
     t = time.perf_counter()
-    compiled = train_step.lower(params, opt_state, put(dataset.x_train[:batch_size]),
-                                put(dataset.y_train[:batch_size])).compile(
-        compiler_options=compiler_options)
-    compile_s = time.perf_counter() - t
+    compiled = train.lower(params, opt_state, (dataset.x_train[:batch_size],
+                                               dataset.y_train[:batch_size])).compile()
+    compile_s = time.perf_counter() - t   # the step reuses this compilation
     out: dict[str, Any] = {"losses": [], "step_times": [], "bits_sent": [], "bits_dense": [],
                            "evals": [], "compile_s": compile_s, "steps_to_target": None,
                            "compiled_text": compiled.as_text(),
@@ -366,23 +378,19 @@ def train_run(task: str, tx: optax.GradientTransformation, *, steps: int, mesh,
                                                  for x in jax.tree.leaves(params)))}
     elapsed = 0.0
     for i in range(1, steps + 1):
-        xb, yb = next(stream)
-        x, y = put(xb), put(yb)
+        batch = tuple(lore_jax.layout.global_array(a, mesh, P(AXIS)) for a in next(stream))
         t = time.perf_counter()
-        params, opt_state, metrics = compiled(params, opt_state, x, y)
-        loss = float(metrics["loss"])           # blocks on the step
+        params, opt_state, loss, _ = train.step(params, opt_state, batch)
+        loss = float(loss)           # blocks on the step; the weight of a training batch is 1
         dt = time.perf_counter() - t
         elapsed += dt
         comm = accounting.communication(opt_state)
-        if comm["bits_dense"] == 0:     # no lore_jax state: the dense mean (float32 leaves)
-            comm = {"bits_sent": 32 * i * out["num_params"],
-                    "bits_dense": 32 * i * out["num_params"]}
         out["losses"].append(loss)
         out["step_times"].append(dt)
         out["bits_sent"].append(comm["bits_sent"])
         out["bits_dense"].append(comm["bits_dense"])
         if eval_every and (i % eval_every == 0 or i == steps):
-            m = step_lib.evaluate(eval_step, params, x_eval, y_eval, mesh, AXIS)
+            m = loop.evaluate(train, params, x_eval, y_eval, mesh.shape[AXIS])
             out["evals"].append([i, m["loss"]])
         if target is not None and _reached(out, i, target, target_metric, window):
             out.update(steps_to_target=i, time_to_target=elapsed,
@@ -420,37 +428,16 @@ def task_setup(task: str, mesh, *, model: str | None = None, seed: int = 0,
         (:func:`lore_jax.training.tasks.make_model`).
     """
     from lore_jax.training import models, tasks
-    from lore_jax.training import step as step_lib
 
     dataset = tasks.load_data(task, data, seq_len)
     model = model or tasks.TASKS[task].model
     apply_fn, params = models.create(lambda: tasks.make_model(
         model, dataset, seed, hidden, d_model=d_model, num_heads=num_heads,
         num_layers=num_layers))   # one compilation; the same values as eager construction
-    return {"dataset": dataset, "apply": apply_fn, "params": step_lib.replicate(params, mesh),
-            "model": model}
-
-
-def plain_train_step(apply_fn, kind: str, tx: optax.GradientTransformation, mesh,
-                     specs: Any) -> Callable:
-    """Like :func:`lore_jax.training.step.make_train_step` but without buffer donation, so
-    one (params, state) input can be timed repeatedly (e.g. in a chosen GreedyLore phase)."""
-    from lore_jax.training.step import loss_and_metrics
-
-    def local_step(params, opt_state, x, y):
-        def objective(p):
-            loss_sum, _ = loss_and_metrics(kind, apply_fn(p, x), y)
-            return loss_sum / x.shape[0]
-
-        # This device's own gradient: differentiating the replicated parameters themselves
-        # would all-reduce it densely before the compressor runs.
-        loss, grads = jax.value_and_grad(objective)(lore_jax.per_device(params, AXIS))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, AXIS)
-
-    return jax.jit(jax.shard_map(local_step, mesh=mesh,
-                                 in_specs=(P(), specs, P(AXIS), P(AXIS)),
-                                 out_specs=(P(), specs, P())))
+    # Copies: on CPU a device array may alias host memory, and a training step donates.
+    params = jax.tree.map(
+        lambda x: lore_jax.layout.global_array(np.array(x, copy=True), mesh, P()), params)
+    return {"dataset": dataset, "apply": apply_fn, "params": params, "model": model}
 
 
 def with_count(opt_state: Any, count: int, mesh) -> Any:

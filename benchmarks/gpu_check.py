@@ -40,7 +40,6 @@ import lore_jax
 from benchmarks import common
 from lore_jax.training import models, tasks
 from lore_jax.training import optimizers as optimizers_lib
-from lore_jax.training.step import loss_and_metrics
 
 
 def methods(rank: int) -> dict[str, dict[str, Any]]:
@@ -63,12 +62,7 @@ def build(platform: str, d_model: int, layers: int, seq_len: int):
         "transformer", dataset, 0, d_model=d_model, num_heads=max(1, d_model // 64),
         num_layers=layers))
     params = jax.device_get(params)
-
-    def loss_fn(p, batch):
-        x, y = batch
-        loss_sum, _ = loss_and_metrics(dataset.kind, apply_fn(p, x), y)
-        return loss_sum / x.shape[0]
-
+    loss_fn = common.task_loss(dataset.kind, apply_fn)
     rng = np.random.default_rng(0)
 
     def batch(size: int):

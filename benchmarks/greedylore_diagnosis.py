@@ -50,7 +50,6 @@ def methods(rank: int, tau: int) -> dict[str, Any]:
         f"powersgd r={rank}": lore_jax.compressed_mean(compressors.powersgd(rank)),
         f"greedylore r={rank} (paper)": lore_jax.greedylore(
             rank, **{**lore_jax.GREEDYLORE_PAPER, "update_interval": tau}),
-        f"greedylore r={rank} (power tracking)": lore_jax.greedylore(rank, tracking="power"),
         f"greedylore r={rank} (default: range tracking)": lore_jax.greedylore(rank),
     }
 
@@ -87,16 +86,12 @@ def shares(mean_grad: dict[str, np.ndarray], e_old: dict, e_new: dict, rank: int
 
 def run_method(name: str, compress: Any, args, setup: dict[str, Any]) -> dict[str, Any]:
     from lore_jax.training import data as data_lib
-    from lore_jax.training.step import loss_and_metrics
 
     ds, apply_fn = setup["dataset"], setup["apply"]
     mesh = common.mesh_of(8)
     tx = optax.chain(compress, optax.adam(optax.cosine_decay_schedule(args.lr, args.steps)))
 
-    def loss_fn(p, batch):
-        x, y = batch
-        return loss_and_metrics(ds.kind, apply_fn(p, x), y)[0] / x.shape[0]
-
+    loss_fn = common.task_loss(ds.kind, apply_fn)
     train = lore_jax.data_parallel(loss_fn, tx, mesh, donate=False)
     full_grad = jax.jit(jax.grad(loss_fn))
     params = jax.tree.map(np.asarray, setup["params"])

@@ -61,7 +61,7 @@ def make_transform(method: str, rank: int, seed: int) -> Any:
     from lore_jax import compressors
 
     if method == "dense":
-        return common.dense_mean()
+        return lore_jax.compressed_mean(compressors.identity(), error_feedback=None)
     if method == "powersgd":
         return lore_jax.compressed_mean(compressors.powersgd(rank), key=seed)
     if method == "random":

@@ -46,7 +46,6 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import PartitionSpec as P
 
 import lore_jax
 from benchmarks import common
@@ -73,7 +72,8 @@ def build_methods(rank: int, tau: int, iters: int) -> dict[str, tuple[Any, dict[
     fast = dict(gl, refresh="subspace_iteration", refresh_iters=iters)
     phases = {"refresh": tau, "compressed": 1}   # count tau: the second (non-first) refresh
     out: dict[str, Any] = {
-        "dense": (common.dense_mean(), {"step": 0}),
+        "dense": (lore_jax.compressed_mean(lore_jax.compressors.identity(),
+                                           error_feedback=None), {"step": 0}),
         "greedylore (svd refresh)": (lore_jax.greedylore(rank, refresh="svd", **gl), phases),
         "greedylore (fast refresh)": (lore_jax.greedylore(rank, **fast), phases),
         "greedylore (fast refresh, shared probes)": (
@@ -97,31 +97,25 @@ def measure(task: str, hidden: tuple[int, ...], b: int, rank: int, tau: int, ite
     mesh = common.mesh_of(8)
     setup = common.task_setup(task, mesh, seed=seed, hidden=hidden)
     ds = setup["dataset"]
-    from lore_jax.training import step as step_lib
-
     if b % 8 or b > len(ds.x_train):
         raise SystemExit(f"batch {b} for {task}: use a multiple of 8 devices that is at most "
                          f"the {len(ds.x_train)} training examples")
-    x = step_lib.global_array(ds.x_train[:b], mesh, P(common.AXIS))
-    y = step_lib.global_array(ds.y_train[:b], mesh, P(common.AXIS))
+    loss_fn = common.task_loss(ds.kind, setup["apply"])
     calls: dict[tuple[str, str], Any] = {}
     compile_s = {}
     for name, (compress, phases) in build_methods(rank, tau, iters).items():
         tx = optax.chain(compress, optax.adam(lr))
-        state, specs = step_lib.init_optimizer(tx, setup["params"], mesh, common.AXIS)
-        t = time.perf_counter()
-        step = common.plain_train_step(setup["apply"], ds.kind, tx, mesh, specs)
-        compiled = step.lower(setup["params"], state, x, y).compile()
-        compile_s[name] = time.perf_counter() - t
+        compiled, (params, state, batch), compile_s[name] = common.compiled_step(
+            loss_fn, tx, mesh, setup["params"], (ds.x_train[:b], ds.y_train[:b]))
         for phase, count in phases.items():
             s = common.with_count(state, count, mesh) if phase != "step" else state
-            calls[(name, phase)] = (compiled, s)
-            common.block(compiled(setup["params"], s, x, y))        # warm up
+            calls[(name, phase)] = (compiled, (params, s, batch))
+            common.block(compiled(params, s, batch))        # warm up
     times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
-        for k, (compiled, s) in calls.items():
+        for k, (compiled, args) in calls.items():
             t = time.perf_counter()
-            common.block(compiled(setup["params"], s, x, y))
+            common.block(compiled(*args))
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     dense = med[("dense", "step")]

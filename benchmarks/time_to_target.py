@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 import lore_jax
 from benchmarks import common
@@ -77,14 +76,15 @@ def methods(rank: int, tau: int, warmup: int, fraction: float, seed: int
             ) -> dict[str, tuple[Any, dict[str, int]]]:
     """Name -> (mean transform, GreedyLore phases to time) for every method available."""
     paper = dict(update_interval=tau, warmup_steps=warmup, axis_name=common.AXIS, key=seed,
-                 refresh="subspace_iteration", tracking="off")
+                 tracking="off")
     phases = {"refresh": warmup + tau, "compressed": warmup + 1}
     out: dict[str, Any] = {
-        "dense": (common.dense_mean(), {}),
+        "dense": (lore_jax.compressed_mean(lore_jax.compressors.identity(),
+                                           error_feedback=None), {}),
         f"greedylore r={rank}": (   # the default: range tracking, only the first refresh
             lore_jax.greedylore(rank, warmup_steps=warmup, axis_name=common.AXIS, key=seed),
             {"compressed": warmup + 1}),
-        f"greedylore r={rank} (paper settings, fast refresh)": (
+        f"greedylore r={rank} (paper settings)": (
             lore_jax.greedylore(rank, **paper), phases),
     }
     cm = common.compressors_module()
@@ -120,23 +120,18 @@ def collective_split(compiled_text: str, n: int) -> tuple[float, float]:
 def compute_time(task: str, tx_phases: tuple[Any, dict[str, int]], lr: float, batch: int,
                  tau: int, repeats: int, seed: int, seq_len: int = 32) -> dict[str, float]:
     """One worker's step time (1-device mesh, per-worker batch), refresh amortized."""
-    from lore_jax.training import step as step_lib
-
     compress, phases = tx_phases
     mesh = common.mesh_of(1)
     setup = common.task_setup(task, mesh, seed=seed, seq_len=seq_len)
     ds = setup["dataset"]
     tx = optax.chain(compress, optax.adam(lr))
-    state, specs = step_lib.init_optimizer(tx, setup["params"], mesh, common.AXIS)
-    x = step_lib.global_array(ds.x_train[:batch], mesh, P(common.AXIS))
-    y = step_lib.global_array(ds.y_train[:batch], mesh, P(common.AXIS))
-    step = common.plain_train_step(setup["apply"], ds.kind, tx, mesh, specs)
-    compiled = step.lower(setup["params"], state, x, y).compile(
-        compiler_options=COMPILER_OPTIONS)
+    compiled, (params, state, xy), _ = common.compiled_step(
+        common.task_loss(ds.kind, setup["apply"]), tx, mesh, setup["params"],
+        (ds.x_train[:batch], ds.y_train[:batch]), compiler_options=COMPILER_OPTIONS)
     out = {}
     for phase, count in (phases or {"step": 0}).items():
         s = common.with_count(state, count, mesh) if phases else state
-        out[phase] = common.time_call(compiled, setup["params"], s, x, y, repeats=repeats,
+        out[phase] = common.time_call(compiled, params, s, xy, repeats=repeats,
                                       warmup=2)["median"]
     if "refresh" in out:
         out["amortized"] = ((tau - 1) * out["compressed"] + out["refresh"]) / tau

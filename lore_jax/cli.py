@@ -131,22 +131,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--update-interval", type=int, default=None,
                    help="GreedyLore: steps between subspace refreshes (default: 200 with "
                         "--tracking off, only the first one with tracking)")
-    g.add_argument("--tracking", default="range", choices=("range", "power", "off"),
+    g.add_argument("--tracking", default="range", choices=("range", "off"),
                    help="GreedyLore's basis tracking: range (a warm-started range finder "
-                        "every step) | power | off (the paper's GreedyLore) (default: range)")
-    g.add_argument("--allocation", default=None, choices=("group", "matrix"),
-                   help="GreedyLore: directions shared by same-shape matrices by energy "
-                        "(group) or r per matrix (matrix, the paper's) (default: group with "
-                        "tracking, matrix without)")
+                        "every step) | off (the paper's GreedyLore) (default: range)")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="GreedyLore: dense steps before compressing (default: 0)")
-    g.add_argument("--refresh", default="svd", choices=("svd", "subspace_iteration"),
-                   help="GreedyLore's subspace refresh: svd (exact) | subspace_iteration "
-                        "(warm-started, much cheaper) (default: svd)")
-    g.add_argument("--probes", default=None, choices=("independent", "shared"),
-                   help="GreedyLore's probes: independent (one per direction) | shared (one "
-                        "per matrix, cheaper at small batches) (default: shared with "
-                        "tracking, independent without)")
     g.add_argument("--fraction", type=float, default=0.01,
                    help="topk: share of every leaf's entries sent (default: 0.01)")
     g.add_argument("--levels", type=int, default=7,
@@ -372,8 +361,7 @@ def _config(args: argparse.Namespace, compressor: str):
         schedule=args.schedule,
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
-        refresh=args.refresh, probes=args.probes, tracking=args.tracking,
-        allocation=args.allocation, fraction=args.fraction, levels=args.levels,
+        tracking=args.tracking, fraction=args.fraction, levels=args.levels,
         seed=args.seed, hidden=hidden,
         data=args.data, seq_len=args.seq_len, d_model=args.d_model, num_heads=args.heads,
         num_layers=args.layers,

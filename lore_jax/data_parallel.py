@@ -10,11 +10,14 @@ device's local gradient; :func:`data_parallel` builds the whole step around it::
     train = lore_jax.data_parallel(loss_fn, tx, mesh)
     opt_state = train.init(params)
     params, opt_state, loss = train.step(params, opt_state, batch)
+    test_loss = train.evaluate(params, test_batch)
 
 The step: local gradients of ``loss_fn`` on the device's shard of the batch (optionally
 accumulated over micro-batches) -> ``tx.update`` (the lore_jax transform's compressed
-mean, then the base optimizer) -> ``optax.apply_updates``; the loss is averaged over
-the data axis. It is jitted, donates the parameters and the state, and lays everything
+mean, then the base optimizer) -> ``optax.apply_updates``; the loss (and ``aux``) is
+averaged over the data axis in one all-reduce of one buffer. ``evaluate`` is the same
+loss without the update. The step is jitted, donates the parameters and the state, and
+lays everything
 out on the mesh: the batch is sharded ``P(axis_name)`` on its leading axis, the
 parameters keep their sharding (replicated, or sharded over other mesh axes), the
 state follows :func:`lore_jax.state_specs`.
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -69,12 +73,17 @@ class DataParallel(NamedTuple):
         ``has_aux``: ``(params, opt_state, loss, aux)``).
       lower: ``lower(params, opt_state, batch) -> jax.stages.Lowered``, the jitted step
         lowered for these inputs (``.compile().as_text()`` is its HLO, whose collectives
-        :func:`lore_jax.hlo_collectives` lists).
+        :func:`lore_jax.hlo_collectives` lists; the step reuses what ``.compile()``
+        compiled, and the compiled step takes the inputs placed on the mesh).
+      evaluate: ``evaluate(params, batch) -> loss`` (with ``has_aux``: ``(loss, aux)``),
+        ``loss_fn`` on each device's shard averaged over the data axis, with no gradient
+        and no update.
     """
 
     init: Callable[[Any], Any]
     step: Callable[..., tuple]
     lower: Callable[..., Any]
+    evaluate: Callable[..., Any]
 
 
 def _local_gradients(loss_fn, params, batch, axis_name, has_aux, micro_batches):
@@ -101,6 +110,16 @@ def _local_gradients(loss_fn, params, batch, axis_name, has_aux, micro_batches):
     return jax.tree.map(lambda t, f: (t / micro_batches).astype(f.dtype), total, first)
 
 
+def _mean_over(tree: Any, axis_name: Hashable) -> Any:
+    """The mean over the axis of every leaf, in one all-reduce of one buffer.
+
+    A collective of several operands is several operations on some backends (Gloo), each
+    with its own messages; the loss and metrics are a few scalars.
+    """
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.pmean(flat, axis_name))
+
+
 def _batch_size(batch: Any) -> int:
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
@@ -117,12 +136,13 @@ def _shares_cpu_threads(mesh: jax.sharding.Mesh) -> bool:
     return len(local) > 1 and all(d.platform == "cpu" for d in local)
 
 
-def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
+def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh, copy: bool = True) -> Any:
     """Each leaf as a global array with ``NamedSharding(mesh, spec)`` (no copy if it is).
 
     Host arrays are taken as the global value, which every process holds in full (the
-    same convention as :func:`lore_jax.layout.global_array`). Arrays placed
-    elsewhere are copied, never aliased: the step donates what it is given, and the
+    same convention as :func:`lore_jax.layout.global_array`). With ``copy``, arrays
+    placed elsewhere and host arrays are copied, never aliased (on CPU a device array
+    may share a host array's memory): the step donates what it is given, and the
     caller's own arrays must survive that.
     """
     def put(x, spec):
@@ -133,7 +153,7 @@ def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
             # device_put may alias the source buffer in the new array's shard, even with
             # may_alias=False (jax 0.10, one device to a replicated sharding): copy first.
             return jax.device_put(jnp.array(x, copy=True), sharding)
-        return layout.global_array(x, mesh, spec)
+        return layout.global_array(np.array(x, copy=True) if copy else x, mesh, spec)
 
     return jax.tree.map(put, tree, specs, is_leaf=lambda s: isinstance(s, P))
 
@@ -147,6 +167,7 @@ def data_parallel(
     has_aux: bool = False,
     micro_batches: int = 1,
     donate: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> DataParallel:
     """A jitted data-parallel training step that compresses the gradients it sends.
 
@@ -174,13 +195,22 @@ def data_parallel(
       donate: donate the parameters and the state to the step (their buffers are
         reused for the outputs, so arrays passed in already placed on the mesh are
         invalid afterwards, as with any donating ``jax.jit``; others are copied first).
+        ``False`` lets one input be stepped from again and again (timing one phase).
+      compiler_options: XLA options for the step's and the evaluation's compilation
+        (``jax.jit``'s ``compiler_options``).
 
     Returns:
-      A :class:`DataParallel` ``(init, step)``. ``step(params, opt_state, batch)`` takes
-      the *global* batch (a pytree of arrays whose leading axis, divisible by ``N *
-      micro_batches``, is sharded over ``axis_name``; host arrays are placed, every
-      process holding the whole global batch) and returns ``(params, opt_state, loss)``
-      with the loss averaged over the global batch.
+      A :class:`DataParallel` ``(init, step, lower, evaluate)``.
+      ``step(params, opt_state, batch)`` takes the *global* batch (a pytree of arrays
+      whose leading axis, divisible by ``N * micro_batches``, is sharded over
+      ``axis_name``; host arrays are placed, every process of a ``jax.distributed`` job
+      holding the whole global batch; global ``jax.Array`` s already sharded over the
+      axis are used as they are) and returns ``(params, opt_state, loss)`` with the loss
+      averaged over the global batch. ``evaluate(params, batch)`` returns that loss
+      (and ``aux``) without updating; its batch needs a leading axis divisible by ``N``.
+      To evaluate a set that does not split evenly, pad it and give ``loss_fn``
+      per-example weights: with ``aux`` holding the weight total of the shard divided by
+      its size, ``loss / aux["weight"]`` is the weighted mean over the global batch.
 
     Raises:
       ValueError: naming the argument, for bad arguments or a batch that does not split.
@@ -197,6 +227,7 @@ def data_parallel(
       >>> opt_state = train.init(params)
       >>> batch = (jnp.ones((8 * jax.device_count(), 16)), jnp.ones((8 * jax.device_count(), 8)))
       >>> params, opt_state, loss = train.step(params, opt_state, batch)
+      >>> test_loss = train.evaluate(params, batch)
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be a function (params, batch) -> loss, got {loss_fn!r}.")
@@ -209,18 +240,23 @@ def data_parallel(
     wait = _shares_cpu_threads(mesh)
     compiled: dict[Any, Callable] = {}   # one jitted step per set of specs
     specs_cache: dict[Any, tuple] = {}   # the specs and step of each layout seen
+    evaluators: dict[Any, tuple] = {}    # the specs and jitted evaluation of each layout
 
     def local_step(params, opt_state, batch):
         value, grads = _local_gradients(loss_fn, params, batch, axis_name, has_aux, k)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, jax.lax.pmean(value, axis_name)
+        return params, opt_state, _mean_over(value, axis_name)
+
+    def local_evaluate(params, batch):
+        return _mean_over(loss_fn(params, batch), axis_name)
 
     def build(param_specs, state_specs):
         sharded = jax.shard_map(local_step, mesh=mesh,
                                 in_specs=(param_specs, state_specs, P(axis_name)),
                                 out_specs=(param_specs, state_specs, P()))
-        return jax.jit(sharded, donate_argnums=(0, 1) if donate else ())
+        return jax.jit(sharded, donate_argnums=(0, 1) if donate else (),
+                       compiler_options=compiler_options)
 
     def init(params):
         return layout.sharded_init(tx, params, mesh, axis_name)
@@ -246,18 +282,19 @@ def data_parallel(
             specs_cache[layout_key] = (param_specs, state_specs, compiled[spec_key])
         return specs_cache[layout_key]
 
+    def place_batch(batch, split):
+        size = _batch_size(batch)
+        if size % (n * split):
+            into = f"{n} devices x {split} micro-batches" if split == k else f"{n} devices"
+            raise ValueError(f"the global batch has {size} examples, which does not split "
+                             f"into {into}; use a multiple of {n * split}.")
+        return _place(batch, jax.tree.map(lambda _: P(axis_name), batch), mesh, copy=False)
+
     def prepare(params, opt_state, batch):
         """The jitted step for this layout, and the inputs placed on the mesh."""
-        size = _batch_size(batch)
-        if size % (n * k):
-            raise ValueError(
-                f"the global batch has {size} examples, which does not split into {n} "
-                f"devices x {k} micro-batches; use a multiple of {n * k}."
-            )
         param_specs, state_specs, fn = specs_for(params, opt_state)
-        return fn, (
-            _place(params, param_specs, mesh), _place(opt_state, state_specs, mesh),
-            _place(batch, jax.tree.map(lambda _: P(axis_name), batch), mesh))
+        return fn, (_place(params, param_specs, mesh, donate),
+                    _place(opt_state, state_specs, mesh, donate), place_batch(batch, k))
 
     def step(params, opt_state, batch):
         fn, args = prepare(params, opt_state, batch)
@@ -273,4 +310,23 @@ def data_parallel(
         fn, args = prepare(params, opt_state, batch)
         return fn.lower(*args)
 
-    return DataParallel(init, step, lower)
+    def evaluator(params):
+        """The parameters' specs and the jitted evaluation, kept per layout."""
+        layout_key = (jax.tree.structure(params),
+                      tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(params)))
+        if layout_key not in evaluators:
+            specs = layout.param_specs_of(params, mesh, axis_name)
+            sharded = jax.shard_map(local_evaluate, mesh=mesh,
+                                    in_specs=(specs, P(axis_name)), out_specs=P())
+            evaluators[layout_key] = (specs, jax.jit(sharded,
+                                                     compiler_options=compiler_options))
+        return evaluators[layout_key]
+
+    def evaluate(params, batch):
+        specs, fn = evaluator(params)
+        value = fn(_place(params, specs, mesh, copy=False), place_batch(batch, 1))
+        if wait:
+            jax.block_until_ready(value)
+        return value
+
+    return DataParallel(init, step, lower, evaluate)

@@ -79,8 +79,7 @@ def test_checkpoint_errors_leave_it_untouched(trained, capsys):
     (["train", "--steps", "many"], "invalid int value"),
     (["train", "--resume"], "--resume needs --checkpoint-dir"),
     (["train", "--batch-size", "12"], "not divisible"),
-    (["train", "--probes", "one"], "--probes: invalid choice: 'one'"),
-    (["train", "--refresh", "qr"], "--refresh: invalid choice: 'qr'"),
+    (["train", "--tracking", "power"], "--tracking: invalid choice: 'power'"),
     (["train", "--task", "lm", "--data", "{tmp}/nowhere"], "text corpus not found"),
     (["train", "--task", "lm", "--d-model", "30"], "--d-model 30 is not divisible by --heads 4"),
     (["train", "--task", "lm", "--layers", "0"], "--layers must be at least 1, got 0"),
@@ -158,22 +157,24 @@ def test_other_compressors_train(mesh, tmp_path, compressor):
     assert np.isfinite(res.summary["train_loss"]) and res.summary["compression"] > 1.5
 
 
-def test_greedylore_refresh_and_probes_options_reach_the_transform(mesh):
+def test_greedylore_tracking_and_error_feedback_options_reach_the_transform(mesh):
     from lore_jax.training import TrainConfig, train
 
-    # The paper's mode, where both options change the directions chosen. (Under range
-    # tracking the probes option is unused and the refresh changes only rounding.)
-    kw = dict(steps=12, hidden=(32, 32), batch_size=32, update_interval=4,
-              schedule="constant", eval_every=12, progress=False, tracking="off")
-    base = train(TrainConfig(**kw)).summary
-    runs = [train(TrainConfig(refresh="subspace_iteration", **kw)).summary,
-            train(TrainConfig(probes="shared", **kw)).summary]
-    for run in runs:
+    # The paper's mode refreshes every 4 steps; range tracking only at the first step.
+    kw = dict(steps=9, hidden=(32, 32), batch_size=32, update_interval=4,
+              schedule="constant", eval_every=9, progress=False)
+    paper = train(TrainConfig(tracking="off", **kw)).summary
+    ranged = train(TrainConfig(tracking="range", **kw)).summary
+    ef21 = train(TrainConfig(tracking="off", error_feedback="ef21", **kw)).summary
+    for run in (paper, ranged, ef21):
         assert np.isfinite(run["train_loss"]) and run["compression"] > 1.5
-        # Neither option changes what crosses the wire ...
-        assert run["bits_sent"] == base["bits_sent"]
-        # ... but each changes the directions chosen, by far more than rounding.
-        assert abs(run["train_loss"] - base["train_loss"]) > 1e-5
+    # The paper's mode sends whole gradients at its refreshes (steps 1, 5 and 9), range
+    # tracking its tracking probes at every step: the two send different amounts.
+    assert paper["bits_sent"] != ranged["bits_sent"]
+    # The error feedback changes the values sent, not their size, ...
+    assert ef21["bits_sent"] == paper["bits_sent"]
+    # ... and the directions chosen, by far more than rounding.
+    assert abs(ef21["train_loss"] - paper["train_loss"]) > 1e-5
 
 
 @pytest.mark.parametrize("flags, size", [

@@ -147,3 +147,32 @@ def test_data_parallel_averages_aux_and_checks_its_arguments(mesh):
 def test_per_device_needs_the_axis():
     with pytest.raises(ValueError, match="axis_name='data' is not bound"):
         lore_jax.per_device(make_params())
+
+
+def test_evaluate_and_the_step_metrics_equal_numpy_on_the_whole_batch(mesh):
+    """The mean loss and aux over 8 devices (and over 3 micro-batches each) equal a
+    float64 NumPy computation on the whole batch; evaluation updates nothing."""
+    def with_aux(params, batch):
+        x, y = batch
+        err = jnp.tanh(x @ params["w"]) @ params["v"] - y
+        return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+
+    params = make_params()
+    x, y = make_batch(n=48)
+    w, v = (np.asarray(params[k], np.float64) for k in ("w", "v"))
+    err = np.tanh(x @ w) @ v - y
+    ref_loss, ref_mae = np.mean(err ** 2), np.mean(np.abs(err))
+    tx = optax.chain(lore_jax.greedylore(2), optax.sgd(0.1))
+    for k in (1, 3):
+        train = lore_jax.data_parallel(
+            with_aux, tx, mesh, has_aux=True, micro_batches=k,
+            compiler_options={"xla_disable_hlo_passes": "constant_folding"})
+        loss, aux = train.evaluate(params, (x, y))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(aux["mae"], ref_mae, rtol=1e-5)
+        _, _, step_loss, step_aux = train.step(params, train.init(params), (x, y))
+        np.testing.assert_allclose(step_loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(step_aux["mae"], ref_mae, rtol=1e-5)
+    np.testing.assert_array_equal(train.evaluate(params, (x, y))[0], loss)
+    with pytest.raises(ValueError, match="20 examples, which does not split into 8 devices;"):
+        train.evaluate(params, make_batch(n=20))

@@ -16,12 +16,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import collectives
-from lore_jax.training import TrainConfig, TrainingError, models, train
-from lore_jax.training import step as step_lib
+import lore_jax
+from lore_jax import collectives, compressors
+from lore_jax.training import TrainConfig, TrainingError, models, tasks, train
 from lore_jax.training.checkpoint import CheckpointError
+from lore_jax.training.loop import evaluate
 from lore_jax.training.metrics import read_log
-from lore_jax.training.optimizers import dense_mean
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,17 +39,20 @@ def _losses(result):
 # --------------------------------------------------------------------------- the step
 
 
+def _dense_mean():
+    return lore_jax.compressed_mean(compressors.identity(), error_feedback=None)
+
+
 def test_sharded_step_equals_full_batch_step(mesh):
     """8 devices with a mean all-reduce = one device on the whole batch."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 6)).astype(np.float32)
     y = rng.integers(0, 3, 32).astype(np.int32)
     apply_fn, params0 = models.create(lambda: models.MLP(6, (16,), 3, rngs=nnx.Rngs(0)))
-    tx = optax.chain(dense_mean("data"), optax.sgd(0.5))
-    params = step_lib.replicate(params0, mesh)
-    opt_state, specs = step_lib.init_optimizer(tx, params, mesh)
-    train_step = step_lib.make_train_step(apply_fn, "classification", tx, mesh, specs)
-    xs, ys = (step_lib.global_array(a, mesh, P("data")) for a in (x, y))
+    tx = optax.chain(_dense_mean(), optax.sgd(0.5))
+    train_ = lore_jax.data_parallel(tasks.loss_fn("classification", apply_fn), tx, mesh,
+                                    has_aux=True)
+    params, opt_state = params0, train_.init(params0)
 
     def ref_loss(p):
         logits = apply_fn(p, x)
@@ -59,33 +62,49 @@ def test_sharded_step_equals_full_batch_step(mesh):
     ref_state = ref_tx.init(ref)
     for _ in range(3):
         loss, grads = jax.value_and_grad(ref_loss)(ref)
-        params, opt_state, metrics = train_step(params, opt_state, xs, ys)
+        accuracy = np.mean(np.argmax(apply_fn(ref, x), -1) == y)
+        params, opt_state, *out = train_.step(params, opt_state, (x, y))
+        metrics = tasks.weighted_means(*out)
         np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+        np.testing.assert_allclose(metrics["accuracy"], accuracy, rtol=1e-6)
         updates, ref_state = ref_tx.update(grads, ref_state, ref)
         ref = optax.apply_updates(ref, updates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params, ref)
-    acc = float(metrics["accuracy"])
-    assert 0.0 <= acc <= 1.0
     # The dense baseline counts one float32 all-reduce of every gradient per step.
-    from lore_jax import communication
-
     n_params = sum(v.size for v in jax.tree.leaves(params0))
-    assert communication(opt_state) == {"bits_sent": 3 * 32 * n_params,
-                                        "bits_dense": 3 * 32 * n_params}
+    assert lore_jax.communication(opt_state) == {"bits_sent": 3 * 32 * n_params,
+                                                 "bits_dense": 3 * 32 * n_params}
 
 
-def test_evaluate_pads_uneven_test_sets(mesh):
+@pytest.mark.parametrize("kind", ["classification", "regression", "language_model"])
+def test_evaluate_pads_uneven_test_sets(mesh, kind):
+    """13 examples in chunks of 8 on 8 devices: the weighted means equal NumPy's."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((13, 5)).astype(np.float32)
-    y = rng.integers(0, 4, 13).astype(np.int32)
-    apply_fn, params = models.create(lambda: models.MLP(5, (8,), 4, rngs=nnx.Rngs(1)))
-    eval_step = step_lib.make_eval_step(apply_fn, "classification", mesh)
-    out = step_lib.evaluate(eval_step, step_lib.replicate(params, mesh), x, y, mesh, chunk=8)
-    logits = np.asarray(apply_fn(params, x))
-    ref_loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    np.testing.assert_allclose(out["loss"], ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(out["accuracy"], (logits.argmax(-1) == y).mean())
+    if kind == "language_model":
+        x = rng.integers(0, 7, (13, 5)).astype(np.int32)
+        y = rng.integers(0, 7, (13, 5)).astype(np.int32)
+        apply_fn, params = models.create(lambda: models.CharTransformer(
+            7, 5, d_model=8, num_heads=2, num_layers=1, rngs=nnx.Rngs(1)))
+    else:
+        x = rng.standard_normal((13, 5)).astype(np.float32)
+        y = (rng.integers(0, 4, 13).astype(np.int32) if kind == "classification"
+             else rng.standard_normal((13, 4)).astype(np.float32))
+        apply_fn, params = models.create(lambda: models.MLP(5, (8,), 4, rngs=nnx.Rngs(1)))
+    tx = optax.chain(_dense_mean(), optax.sgd(0.1))
+    train_ = lore_jax.data_parallel(tasks.loss_fn(kind, apply_fn), tx, mesh, has_aux=True)
+    out = evaluate(train_, params, x, y, 8, chunk=8)
+    outputs = np.asarray(apply_fn(params, x), np.float64)
+    if kind == "regression":
+        np.testing.assert_allclose(out["loss"], np.mean(np.sum((outputs - y) ** 2, -1)),
+                                   rtol=1e-5)
+        assert "accuracy" not in out
+        return
+    shifted = outputs - outputs.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, y[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["loss"], nll.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["accuracy"], (outputs.argmax(-1) == y).mean(), rtol=1e-6)
 
 
 def test_models_shapes_and_causality():
@@ -413,8 +432,8 @@ def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path
 def test_config_errors_are_training_errors():
     with pytest.raises(TrainingError, match="unknown task 'nope'"):
         train(TrainConfig(task="nope"))
-    with pytest.raises(TrainingError, match="unknown probes 'one'.*independent, shared"):
-        train(TrainConfig(probes="one"))
+    with pytest.raises(TrainingError, match="unknown tracking 'power'.*range, off"):
+        train(TrainConfig(tracking="power"))
     with pytest.raises(TrainingError, match="--devices 16"):
         train(TrainConfig(devices=16, steps=1, progress=False))
     with pytest.raises(TrainingError, match="not divisible"):
@@ -425,9 +444,8 @@ def test_sharded_init_layout(mesh):
     from lore_jax.training.optimizers import make_optimizer
 
     _, params = models.create(lambda: models.MLP(64, (32,), 10, rngs=nnx.Rngs(0)))
-    params = step_lib.replicate(params, mesh)
-    opt_state, specs = step_lib.init_optimizer(make_optimizer("greedylore", rank=2), params,
-                                               mesh)
+    opt_state = lore_jax.sharded_init(make_optimizer("greedylore", rank=2), params, mesh)
+    specs = lore_jax.state_specs(opt_state)
     flat = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
     assert P("data") in flat and P() in flat
     assert collectives.find_states(opt_state)

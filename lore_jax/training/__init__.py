@@ -1,13 +1,13 @@
-"""Data-parallel training with lore_jax: data, models, the shard_map step, checkpoints.
+"""Data-parallel training with lore_jax: data, models, optimizers, checkpoints, the loop.
 
 The pieces, in the order a run uses them:
 
 * :mod:`~lore_jax.training.data`: datasets with no download, file loaders, batching with
   a restorable position;
 * :mod:`~lore_jax.training.models`: Flax NNX MLP, CNN and character transformer;
+* :mod:`~lore_jax.training.tasks`: the named tasks, and the loss of each kind of task;
 * :mod:`~lore_jax.training.optimizers`: ``mean over devices (dense or compressed) ->
-  base optimizer`` chains;
-* :mod:`~lore_jax.training.step`: the jitted ``shard_map`` train and evaluation steps;
+  base optimizer`` chains, trained by :func:`lore_jax.data_parallel`;
 * :mod:`~lore_jax.training.checkpoint`: orbax checkpoints of the whole run;
 * :mod:`~lore_jax.training.loop` and :mod:`~lore_jax.training.compare`: a run, and a
   comparison of compressors.

@@ -15,18 +15,20 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lore_jax import accounting, layout
-from lore_jax.greedylore import ALLOCATIONS, PROBE_KINDS, REFRESH_METHODS, TRACKING_KINDS
+from lore_jax.data_parallel import DataParallel, data_parallel
 from lore_jax.training import data as data_lib
 from lore_jax.training import faults, models, optimizers, tasks
 from lore_jax.training import metrics as metrics_lib
-from lore_jax.training import step as step_lib
 from lore_jax.training.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint
 from lore_jax.training.errors import TrainingError
 
@@ -53,11 +55,8 @@ class TrainConfig:
         ``steps`` follows the new schedule) or ``"constant"``.
       update_interval, warmup_steps, error_feedback: GreedyLore / error-feedback settings
         (``update_interval=None``: GreedyLore's default for its ``tracking``).
-      tracking, allocation, refresh, probes: GreedyLore's basis tracking (``"range"``,
-        the default, ``"power"`` or ``"off"``, the paper's), allocation (``"group"`` or
-        ``"matrix"``), subspace refresh (``"svd"`` or ``"subspace_iteration"``) and probes
-        (``"independent"`` or ``"shared"``); ``None`` takes the default that follows
-        ``tracking``. See :func:`lore_jax.greedylore`.
+      tracking: GreedyLore's basis tracking, ``"range"`` (the default) or ``"off"`` (the
+        paper's). See :func:`lore_jax.greedylore`.
       fraction: top-k's share of every leaf's entries.
       levels: QSGD's levels.
       seed: seeds the initialisation, the data order and the compressors' keys.
@@ -92,10 +91,7 @@ class TrainConfig:
     update_interval: int | None = None
     warmup_steps: int = 0
     error_feedback: str | None = "ef14"
-    refresh: str = "svd"
-    probes: str | None = None
     tracking: str = "range"
-    allocation: str | None = None
     fraction: float = 0.01
     levels: int = 7
     seed: int = 0
@@ -119,9 +115,7 @@ class TrainConfig:
         for name, choices in (("task", tasks.TASKS), ("compressor", optimizers.COMPRESSORS),
                               ("schedule", optimizers.SCHEDULES),
                               ("optimizer", optimizers.OPTIMIZERS),
-                              ("refresh", REFRESH_METHODS), ("tracking", TRACKING_KINDS),
-                              ("probes", (*PROBE_KINDS, None)),
-                              ("allocation", (*ALLOCATIONS, None))):
+                              ("tracking", optimizers.TRACKING)):
             if getattr(self, name) not in choices:
                 raise TrainingError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                     f"{', '.join(c for c in choices if c)}.")
@@ -258,8 +252,7 @@ class _NetCounters:
 #: may ``--eval-every``, ``--checkpoint-every``, ``--log`` and ``--progress``.
 RESUME_SETTINGS = ("task", "model", "data", "seq_len", "compressor", "rank", "optimizer",
                    "learning_rate", "momentum", "schedule", "batch_size", "seed",
-                   "error_feedback", "update_interval", "warmup_steps", "refresh", "probes",
-                   "tracking", "allocation")
+                   "error_feedback", "update_interval", "warmup_steps", "tracking")
 #: Options of one compressor that a resumed run must share when it uses that compressor.
 COMPRESSOR_SETTINGS = {"topk": ("fraction",), "qsgd": ("levels",)}
 
@@ -407,21 +400,83 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
         faults.report_step(step)
 
     startup = _Startup()
-    # Never overwrite a checkpoint: refuse before doing anything else.
-    ckpt, latest = None, None
-    if cfg.checkpoint_dir:
-        ckpt = Checkpointer(cfg.checkpoint_dir)
-        latest = ckpt.latest_step()
-        if latest is not None and not cfg.resume:
-            raise CheckpointError(
-                f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
-                f"to continue it, or choose another --checkpoint-dir.")
-        ckpt.check_writable()
-        if latest is None and cfg.resume and jax.process_index() == 0:
-            print(f"lore-jax: --resume: no checkpoint in {ckpt.directory}; starting from "
-                  f"step 0.", file=sys.stderr)
+    ckpt, latest = _open_checkpoints(cfg)   # refuse to overwrite before anything else
+    mesh, dataset = _devices_and_data(cfg)
+    startup.mark("data_s")
+    setup = _setup(cfg, mesh, dataset)
+    start, position, params, opt_state = _restore_or_init(cfg, setup, ckpt, latest)
+    if start:
+        finished(start)
+    startup.mark("init_s")
+    first = tuple(a[:cfg.batch_size] for a in (dataset.x_train, dataset.y_train))
+    setup.train.lower(params, opt_state, first).compile()   # the step reuses it
+    startup.mark("compile_s")
+    faults.wait_for_every_process("compiled")   # before the step's first collective
+    startup.mark("wait_s")   # for the processes still compiling (0 in a single process)
+    run = _Run(cfg, setup, ckpt, _open_log(cfg, start, setup, startup), startup,
+               data_lib.BatchStream(dataset.x_train, dataset.y_train, cfg.batch_size,
+                                    cfg.seed, position),
+               dataset.test_subset(cfg.eval_examples), params, opt_state, start, start,
+               comm=accounting.communication(opt_state),
+               net=_NetCounters(jax.process_count() > 1))
+    _loop(run, stop, finished)
+    return _finish(run)
 
-    # Devices and data.
+
+class _Setup(NamedTuple):
+    """What a run trains with."""
+
+    mesh: jax.sharding.Mesh
+    dataset: data_lib.Dataset
+    new_model: Callable[[], Any]
+    params: Any
+    """The model's parameters as ``jax.ShapeDtypeStruct`` leaves."""
+    tx: optax.GradientTransformation
+    train: DataParallel
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run's pieces, and its state and records as the loop advances them."""
+
+    cfg: TrainConfig
+    setup: _Setup
+    ckpt: Checkpointer | None
+    log: metrics_lib.JsonLogger
+    startup: _Startup
+    stream: data_lib.BatchStream
+    eval_set: tuple[np.ndarray, np.ndarray]
+    params: Any
+    opt_state: Any
+    start: int
+    step: int
+    """The last finished step."""
+    comm: dict[str, int]
+    net: _NetCounters
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_time: float = 0.0
+
+
+def _open_checkpoints(cfg: TrainConfig) -> tuple[Checkpointer | None, int | None]:
+    """The run's checkpointer and its newest step; refuses to overwrite a checkpoint."""
+    if not cfg.checkpoint_dir:
+        return None, None
+    ckpt = Checkpointer(cfg.checkpoint_dir)
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.resume:
+        raise CheckpointError(
+            f"{ckpt.directory} already holds a checkpoint (step {latest}); pass --resume "
+            f"to continue it, or choose another --checkpoint-dir.")
+    ckpt.check_writable()
+    if latest is None and cfg.resume and jax.process_index() == 0:
+        print(f"lore-jax: --resume: no checkpoint in {ckpt.directory}; starting from "
+              f"step 0.", file=sys.stderr)
+    return ckpt, latest
+
+
+def _devices_and_data(cfg: TrainConfig) -> tuple[jax.sharding.Mesh, data_lib.Dataset]:
+    """The mesh and the dataset, with the global batch checked against both."""
     mesh = make_mesh(cfg.devices)
     n_dev = mesh.shape[AXIS]
     dataset = tasks.load_data(cfg.task, cfg.data, cfg.seq_len)
@@ -431,10 +486,11 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
     if cfg.batch_size > len(dataset.x_train):
         raise TrainingError(f"--batch-size {cfg.batch_size} exceeds the "
                             f"{len(dataset.x_train)} training examples.")
-    main_process = jax.process_index() == 0
-    startup.mark("data_s")
+    return mesh, dataset
 
-    # Model and optimizer, first as shapes and layouts only.
+
+def _setup(cfg: TrainConfig, mesh: jax.sharding.Mesh, dataset: data_lib.Dataset) -> _Setup:
+    """The model (shapes only), the optimizer chain and the data-parallel step."""
     tasks.check_model(cfg.model, dataset)
 
     def new_model():
@@ -446,122 +502,165 @@ def _train(cfg: TrainConfig, stop=lambda step: False,
     tx = optimizers.make_optimizer(
         cfg.compressor, rank=cfg.rank, optimizer=cfg.optimizer,
         learning_rate=cfg.learning_rate, momentum=cfg.momentum, schedule=cfg.schedule,
-        total_steps=cfg.steps, axis_name=AXIS,
-        update_interval=cfg.update_interval, warmup_steps=cfg.warmup_steps,
-        error_feedback=cfg.error_feedback, seed=cfg.seed, refresh=cfg.refresh,
-        probes=cfg.probes, tracking=cfg.tracking, allocation=cfg.allocation,
-        fraction=cfg.fraction, levels=cfg.levels)
-    opt_state = jax.eval_shape(lambda p: layout.sharded_init(tx, p, mesh, AXIS), params)
-    specs = layout.state_specs(opt_state, AXIS)
-    params = step_lib.with_shardings(params, jax.tree.map(lambda _: P(), params), mesh)
-    opt_state = step_lib.with_shardings(opt_state, specs, mesh)
+        total_steps=cfg.steps, axis_name=AXIS, update_interval=cfg.update_interval,
+        warmup_steps=cfg.warmup_steps, error_feedback=cfg.error_feedback, seed=cfg.seed,
+        tracking=cfg.tracking, fraction=cfg.fraction, levels=cfg.levels)
+    train = data_parallel(tasks.loss_fn(dataset.kind, apply_fn), tx, mesh, axis_name=AXIS,
+                          has_aux=True)
+    return _Setup(mesh, dataset, new_model, params, tx, train)
 
-    # Resume from the checkpoint if it fits, or initialise.
-    start, position = 0, data_lib.DataPosition(0, 0)
-    if latest is not None:
-        start, meta, (params, opt_state) = _restore_newest_readable(
-            ckpt, params, opt_state, _resume_settings(cfg))
-        position = data_lib.DataPosition(*meta["position"])
-        finished(start)
-    else:
-        params = step_lib.replicate(_initial_params(cfg, dataset, new_model), mesh)
-        opt_state, _ = step_lib.init_optimizer(tx, params, mesh, AXIS)
 
-    startup.mark("init_s")
-    stream = data_lib.BatchStream(dataset.x_train, dataset.y_train, cfg.batch_size, cfg.seed,
-                                  position)
-    train_step = step_lib.make_train_step(apply_fn, dataset.kind, tx, mesh, specs, AXIS)
-    eval_step = step_lib.make_eval_step(apply_fn, dataset.kind, mesh, AXIS)
+def _on_mesh(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying ``NamedSharding(mesh, spec)`` layouts."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+        tree, specs, is_leaf=lambda x: isinstance(x, P))
 
-    def batch():
-        xb, yb = next(stream)
-        return (step_lib.global_array(xb, mesh, P(AXIS)),
-                step_lib.global_array(yb, mesh, P(AXIS)))
 
-    x0, y0 = (step_lib.global_array(a[:cfg.batch_size], mesh, P(AXIS))
-              for a in (dataset.x_train, dataset.y_train))
-    compiled = train_step.lower(params, opt_state, x0, y0).compile()
-    compile_s = startup.mark("compile_s")
-    faults.wait_for_every_process("compiled")   # before the step's first collective
-    startup.mark("wait_s")   # for the processes still compiling (0 in a single process)
+def _restore_or_init(cfg: TrainConfig, setup: _Setup, ckpt: Checkpointer | None,
+                     latest: int | None) -> tuple[int, data_lib.DataPosition, Any, Any]:
+    """``(step, data position, params, opt_state)``: restored from the newest checkpoint
+    that fits, or the initial ones (replicated copies: the step donates them)."""
+    mesh = setup.mesh
+    if latest is None:
+        params = jax.tree.map(lambda x: layout.global_array(np.array(x, copy=True), mesh, P()),
+                              _initial_params(cfg, setup.dataset, setup.new_model))
+        return 0, data_lib.DataPosition(0, 0), params, setup.train.init(params)
+    opt_state = jax.eval_shape(lambda p: layout.sharded_init(setup.tx, p, mesh, AXIS),
+                               setup.params)
+    start, meta, (params, opt_state) = _restore_newest_readable(
+        ckpt, _on_mesh(setup.params, jax.tree.map(lambda _: P(), setup.params), mesh),
+        _on_mesh(opt_state, layout.state_specs(opt_state, AXIS), mesh), _resume_settings(cfg))
+    return start, data_lib.DataPosition(*meta["position"]), params, opt_state
 
-    # A resumed run's log continues after the restored step: records of the interrupted
-    # run past it are dropped, so every step appears once.
-    log = metrics_lib.JsonLogger(cfg.log, append=start > 0, enabled=main_process,
+
+def _open_log(cfg: TrainConfig, start: int, setup: _Setup,
+              startup: _Startup) -> metrics_lib.JsonLogger:
+    """The JSON-lines log, its ``"config"`` record written.
+
+    A resumed run's log continues after the restored step: records of the interrupted
+    run past it are dropped, so every step appears once.
+    """
+    log = metrics_lib.JsonLogger(cfg.log, append=start > 0, enabled=jax.process_index() == 0,
                                  after_step=start if start > 0 else None)
-    log.write({"event": "config", **cfg.to_json(), "start_step": start, "devices": n_dev,
-               "processes": jax.process_count(), "backend": jax.default_backend(),
-               "compile_s": compile_s, "startup": startup.phases,
-               "startup_s": time.time() - startup.launch, "data": tasks.describe(dataset)})
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
+    log.write({"event": "config", **cfg.to_json(), "start_step": start,
+               "devices": setup.mesh.shape[AXIS], "processes": jax.process_count(),
+               "backend": jax.default_backend(), "compile_s": startup.phases["compile_s"],
+               "startup": startup.phases, "startup_s": time.time() - startup.launch,
+               "data": tasks.describe(setup.dataset)})
+    return log
 
-    x_eval, y_eval = dataset.test_subset(cfg.eval_examples)
 
-    def run_eval(step: int) -> dict[str, Any]:
-        t = time.perf_counter()
-        m = step_lib.evaluate(eval_step, params, x_eval, y_eval, mesh, AXIS)
-        record = {"event": "eval", "step": step,
-                  **{f"test_{k}": v for k, v in m.items()}, "eval_s": time.perf_counter() - t}
-        evals.append(record)
-        log.write(record)
-        return record
-
-    train_time, last_step = 0.0, start
-    comm = accounting.communication(opt_state)
-    net = _NetCounters(jax.process_count() > 1)
-    with metrics_lib.progress_bar(cfg.progress and main_process) as bar:
+def _loop(run: _Run, stop, finished) -> None:
+    """Steps up to ``steps``: evaluates, checkpoints, stops at the target or on SIGTERM."""
+    cfg = run.cfg
+    with metrics_lib.progress_bar(cfg.progress and jax.process_index() == 0) as bar:
         task_id = bar.add_task(f"{cfg.compressor} {cfg.task}", total=cfg.steps,
-                               completed=start, status="")
-        for step in range(start + 1, cfg.steps + 1):
-            x, y = batch()
-            t = time.perf_counter()
-            params, opt_state, m = compiled(params, opt_state, x, y)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t
-            train_time += dt
-            comm = accounting.communication(opt_state)
-            record = {"event": "train", "step": step, **m, **comm, "step_time": dt,
-                      "wall_s": time.time() - startup.launch, **net.since_start()}
-            history.append(record)
-            log.write(record)
+                               completed=run.start, status="")
+        for step in range(run.start + 1, cfg.steps + 1):
+            record = _train_step(run, step)
             finished(step)
-            last_step = step
-            reached = False
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                reached = _reached(run_eval(step), cfg.target_loss)
+            reached = ((step % cfg.eval_every == 0 or step == cfg.steps)
+                       and _reached(_evaluate_and_log(run), cfg.target_loss))
             preempted = step < cfg.steps and not reached and stop(step)
-            if ckpt is not None and (step == cfg.steps or reached or preempted or (
+            if run.ckpt is not None and (step == cfg.steps or reached or preempted or (
                     cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                ckpt.save(step, params, opt_state, {
-                    "position": list(stream.position), "config": cfg.to_json()})
+                run.ckpt.save(step, run.params, run.opt_state, {
+                    "position": list(run.stream.position), "config": cfg.to_json()})
             if preempted:
-                where = str(ckpt.directory / str(step)) if ckpt is not None else None
-                log.write({"event": "preempted", "step": step, "checkpoint": where})
-                log.close()
-                if ckpt is not None:
-                    ckpt.close()
-                raise Preempted(step, where)
-            ratio = comm["bits_dense"] / max(comm["bits_sent"], 1)
+                _stop_for_preemption(run)
+            ratio = run.comm["bits_dense"] / max(run.comm["bits_sent"], 1)
             bar.update(task_id, advance=1,
-                       status=f"loss {m['loss']:.4f}  {ratio:.1f}x fewer bits")
+                       status=f"loss {record['loss']:.4f}  {ratio:.1f}x fewer bits")
             if reached:
-                log.write({"event": "target", "step": step, "target_loss": cfg.target_loss,
-                           "test_loss": evals[-1]["test_loss"], "wall_s": record["wall_s"]})
+                run.log.write({"event": "target", "step": step, "target_loss": cfg.target_loss,
+                               "test_loss": run.evals[-1]["test_loss"],
+                               "wall_s": record["wall_s"]})
                 break
-    final_eval = evals[-1] if evals and evals[-1]["step"] == last_step else run_eval(last_step)
-    if ckpt is not None:
-        ckpt.close()
 
+
+def _train_step(run: _Run, step: int) -> dict[str, Any]:
+    """One step on the next batch; returns (and logs) its ``"train"`` record."""
+    batch = tuple(layout.global_array(a, run.setup.mesh, P(AXIS)) for a in next(run.stream))
+    t = time.perf_counter()
+    run.params, run.opt_state, loss, aux = run.setup.train.step(run.params, run.opt_state,
+                                                                batch)
+    metrics = tasks.weighted_means(loss, aux)
+    dt = time.perf_counter() - t
+    run.train_time += dt
+    run.step, run.comm = step, accounting.communication(run.opt_state)
+    record = {"event": "train", "step": step, **metrics, **run.comm, "step_time": dt,
+              "wall_s": time.time() - run.startup.launch, **run.net.since_start()}
+    run.history.append(record)
+    run.log.write(record)
+    return record
+
+
+def evaluate(train: DataParallel, params: Any, x: np.ndarray, y: np.ndarray, devices: int,
+             chunk: int = 1024) -> dict[str, float]:
+    """Mean loss (and accuracy) of ``params`` on a host dataset, in padded chunks.
+
+    Args:
+      train: a :func:`lore_jax.data_parallel` of :func:`tasks.loss_fn` (``has_aux``).
+      params: the parameters.
+      x: the evaluation set's inputs (host arrays, ``n`` rows).
+      y: its targets.
+      devices: the size of the data axis.
+      chunk: examples per call, rounded up to a multiple of ``devices``; the last chunk
+        is padded with examples of weight 0.
+
+    Returns:
+      ``{"loss": ..., "accuracy": ...}`` as Python floats (no accuracy for regression).
+    """
+    chunk = -(-min(chunk, len(x)) // devices) * devices
+    totals = None
+    for start in range(0, len(x), chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        pad = chunk - len(xb)
+        weights = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+        xb, yb = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (xb, yb))
+        out = jax.tree.map(float, jax.device_get(train.evaluate(params, (xb, yb, weights))))
+        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    return tasks.weighted_means(*totals)
+
+
+def _evaluate_and_log(run: _Run) -> dict[str, Any]:
+    """Evaluates the current parameters; returns (and logs) the ``"eval"`` record."""
+    t = time.perf_counter()
+    m = evaluate(run.setup.train, run.params, *run.eval_set, run.setup.mesh.shape[AXIS])
+    record = {"event": "eval", "step": run.step, **{f"test_{k}": v for k, v in m.items()},
+              "eval_s": time.perf_counter() - t}
+    run.evals.append(record)
+    run.log.write(record)
+    return record
+
+
+def _stop_for_preemption(run: _Run) -> None:
+    """Logs the ``"preempted"`` record, closes the log and checkpoints, and raises."""
+    where = str(run.ckpt.directory / str(run.step)) if run.ckpt is not None else None
+    run.log.write({"event": "preempted", "step": run.step, "checkpoint": where})
+    run.log.close()
+    if run.ckpt is not None:
+        run.ckpt.close()
+    raise Preempted(run.step, where)
+
+
+def _finish(run: _Run) -> RunResult:
+    """The final evaluation (unless the last step had one) and the summary."""
+    final = (run.evals[-1] if run.evals and run.evals[-1]["step"] == run.step
+             else _evaluate_and_log(run))
+    if run.ckpt is not None:
+        run.ckpt.close()
+    comm = run.comm
     summary = {
-        "steps": last_step, "start_step": start, "devices": n_dev,
+        "steps": run.step, "start_step": run.start, "devices": run.setup.mesh.shape[AXIS],
         "processes": jax.process_count(),
-        "train_loss": history[-1]["loss"] if history else None,
-        **{k: v for k, v in final_eval.items() if k.startswith("test_")},
+        "train_loss": run.history[-1]["loss"] if run.history else None,
+        **{k: v for k, v in final.items() if k.startswith("test_")},
         "bits_sent": comm["bits_sent"], "bits_dense": comm["bits_dense"],
         "compression": comm["bits_dense"] / comm["bits_sent"] if comm["bits_sent"] else None,
-        "time_s": train_time, "compile_s": compile_s,
+        "time_s": run.train_time, "compile_s": run.startup.phases["compile_s"],
     }
-    log.write({"event": "summary", **summary})
-    log.close()
-    return RunResult(cfg.to_json(), history, evals, summary)
+    run.log.write({"event": "summary", **summary})
+    run.log.close()
+    return RunResult(run.cfg.to_json(), run.history, run.evals, summary)

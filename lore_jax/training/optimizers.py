@@ -4,8 +4,8 @@ Every chain built here starts with a transform that turns each device's local gr
 into their mean over the data axis (identical on every device), then hands it to the
 base optimizer (Adam or SGD):
 
-* ``dense``: :func:`dense_mean`, an explicit mean all-reduce
-  (:func:`lore_jax.collectives.pmean`) that counts the bits it sends;
+* ``dense``: :func:`lore_jax.compressed_mean` with the identity compressor and no error
+  feedback, one mean all-reduce of the whole gradient that counts the bits it sends;
 * ``greedylore``: :func:`lore_jax.greedylore`;
 * ``powersgd`` and ``random``: :func:`lore_jax.compressed_mean` with the PowerSGD and
   random low-rank projection compressors of :mod:`lore_jax.compressors` (all-reduced);
@@ -13,19 +13,17 @@ base optimizer (Adam or SGD):
   ``fraction`` of every leaf, QSGD with ``levels`` levels per bucket of 512 entries, and
   the scaled sign (all-gathered; with error feedback, the last is EF-SignSGD).
 
-Any other optax chain works with the training step too, as long as it averages the
-gradients over the axis before updating.
+Any other optax chain works with :func:`lore_jax.data_parallel` too, as long as it
+averages the gradients over the axis before updating.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import NamedTuple
 
-import jax
 import optax
 
-from lore_jax import accounting, collectives, compressors
+from lore_jax import compressors
 from lore_jax.compressed_mean import compressed_mean
 from lore_jax.greedylore import greedylore
 from lore_jax.training.errors import TrainingError
@@ -34,49 +32,9 @@ COMPRESSORS = ("dense", "greedylore", "powersgd", "random", "topk", "qsgd", "sig
 #: QSGD's bucket: one norm per this many entries.
 QSGD_BUCKET = 512
 OPTIMIZERS = ("adam", "sgd")
+#: GreedyLore's basis tracking: ``"range"`` (its default) or ``"off"`` (the paper's).
+TRACKING = ("range", "off")
 SCHEDULES = ("constant", "cosine")
-
-
-class DenseMeanState(NamedTuple):
-    """State of :func:`dense_mean`: cumulative bit counters (replicated)."""
-
-    bits_sent: jax.Array
-    """``uint32[2]`` bits this device contributed to all-reduces so far."""
-    bits_dense: jax.Array
-    """``uint32[2]`` the same, as a dense all-reduce (equal to ``bits_sent``)."""
-
-    PER_DEVICE_FIELDS = ()
-
-
-def dense_mean(axis_name: Hashable | None = "data") -> optax.GradientTransformation:
-    """The uncompressed baseline: the mean of every gradient leaf by one all-reduce.
-
-    Run inside ``jax.shard_map`` with ``axis_name`` bound; each leaf is summed over the
-    axis and divided by its size. Its state counts the bits sent, so
-    :func:`lore_jax.communication` reports the baseline like any compressed transform.
-
-    Args:
-      axis_name: the data axis (``None``: identity, one device).
-
-    Returns:
-      An ``optax.GradientTransformation``.
-
-    Example:
-      >>> tx = optax.chain(dense_mean("data"), optax.adam(1e-3))
-    """
-
-    def init_fn(params):
-        del params
-        return DenseMeanState(accounting.zero_counter(), accounting.zero_counter())
-
-    def update_fn(updates, state, params=None):
-        del params
-        bits = sum(accounting.bits_of(x.shape, x.dtype) for x in jax.tree.leaves(updates))
-        updates = collectives.pmean(updates, axis_name)
-        return updates, DenseMeanState(accounting.add_bits(state.bits_sent, bits),
-                                       accounting.add_bits(state.bits_dense, bits))
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class CompressorError(TrainingError):
@@ -120,10 +78,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     error_feedback: str | None = "ef14",
     seed: int = 0,
-    refresh: str = "svd",
-    probes: str | None = None,
     tracking: str = "range",
-    allocation: str | None = None,
     fraction: float = 0.01,
     levels: int = 7,
 ) -> optax.GradientTransformation:
@@ -140,14 +95,9 @@ def make_optimizer(
       axis_name: the mesh axis gradients are averaged over.
       update_interval: GreedyLore's subspace refresh period (steps; ``None``: its default).
       warmup_steps: GreedyLore's dense warm-up steps.
-      error_feedback: ``"ef14"``, ``"ef21"`` or ``None``.
+      error_feedback: ``"ef14"``, ``"ef21"`` or ``None`` (the dense mean has none).
       seed: seeds the random compressors' keys.
-      refresh: GreedyLore's subspace refresh, ``"svd"`` (exact) or
-        ``"subspace_iteration"`` (warm-started from the previous basis, much cheaper).
-      probes: GreedyLore's probes, ``"independent"`` (one per basis direction, the
-        paper's) or ``"shared"`` (one per matrix; cheaper selection at small batches).
-      tracking, allocation: GreedyLore's basis tracking (``"range"``, ``"power"`` or
-        ``"off"``: the paper's) and allocation (``"group"`` or ``"matrix"``).
+      tracking: GreedyLore's basis tracking, ``"range"`` or ``"off"`` (the paper's).
       fraction: top-k's share of every leaf's entries.
       levels: QSGD's levels ``s`` (``1 + ceil(log2(s + 1))`` bits per entry).
 
@@ -159,16 +109,14 @@ def make_optimizer(
     """
     base = base_optimizer(optimizer, learning_rate_schedule(learning_rate, schedule, total_steps),
                           momentum)
-    if compressor == "dense":
-        return optax.chain(dense_mean(axis_name), base)
     if compressor == "greedylore":
         return optax.chain(
-            greedylore(rank, update_interval=update_interval, warmup_steps=warmup_steps,
-                       axis_name=axis_name, error_feedback=error_feedback,
-                       key=seed, refresh=refresh, probes=probes, tracking=tracking,
-                       allocation=allocation),
+            greedylore(rank, tracking=tracking, update_interval=update_interval,
+                       warmup_steps=warmup_steps, error_feedback=error_feedback, key=seed,
+                       axis_name=axis_name),
             base)
     factories = {
+        "dense": compressors.identity,
         "powersgd": lambda: compressors.powersgd(rank),
         "random": lambda: compressors.random_projection(rank),
         "topk": lambda: compressors.top_k(fraction=fraction),
@@ -181,7 +129,9 @@ def make_optimizer(
         except ValueError as e:
             raise CompressorError(f"{compressor}: {e}") from None
         return optax.chain(
-            compressed_mean(q, axis_name=axis_name, error_feedback=error_feedback, key=seed),
+            compressed_mean(q, axis_name=axis_name, key=seed,
+                            error_feedback=None if compressor == "dense" else error_feedback),
             base)
     raise CompressorError(
         f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}.")
+

@@ -24,9 +24,12 @@ held-out loss says nothing about quality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from lore_jax.training import data as data_lib
@@ -168,3 +171,64 @@ def describe(dataset: data_lib.Dataset) -> dict[str, Any]:
     return {"name": dataset.name, "kind": dataset.kind, "train": len(dataset.x_train),
             "test": len(dataset.x_test), "input_shape": list(dataset.input_shape),
             "outputs": dataset.num_outputs}
+
+
+Metrics = dict[str, jax.Array]
+
+
+def loss_fn(kind: str, apply_fn: Callable[[Any, jax.Array], jax.Array]
+            ) -> Callable[[Any, tuple], tuple[jax.Array, Metrics]]:
+    """The loss of a dataset kind, for :func:`lore_jax.data_parallel` with ``has_aux``.
+
+    ``loss(params, batch) -> (loss, metrics)`` on a batch ``(x, y)`` or ``(x, y, weights)``
+    (``(b,)`` weights: 1 for real examples, 0 for padding). The loss, and each metric, is
+    a weighted sum over the batch's examples divided by its size ``b``; ``metrics`` holds
+    ``"accuracy"`` (the correct share; not for regression) and ``"weight"`` (the weight
+    total over ``b``, 1 without weights), so that :func:`weighted_means` of any average
+    of them over equal-sized shards is the weighted mean over the examples.
+
+    The loss per example: ``"classification"`` (``outputs (b, classes)``, integer
+    ``targets (b,)``) softmax cross-entropy; ``"regression"`` (``outputs`` and ``targets``
+    ``(b, d)``) squared error summed over ``d``; ``"language_model"`` (``(b, t, vocab)``
+    logits, ``(b, t)`` tokens) cross-entropy averaged over ``t``.
+
+    Args:
+      kind: :attr:`~lore_jax.training.data.Dataset.kind`.
+      apply_fn: ``apply(params, x) -> outputs`` (:func:`models.create`).
+
+    Returns:
+      The loss function.
+
+    Example:
+      >>> # train = lore_jax.data_parallel(loss_fn("classification", apply), tx, mesh,
+      >>> #                                has_aux=True)
+    """
+
+    def loss(params: Any, batch: tuple) -> tuple[jax.Array, Metrics]:
+        x, y, *rest = batch
+        outputs = apply_fn(params, x)
+        weights = rest[0] if rest else jnp.ones(x.shape[:1], jnp.float32)
+        metrics: Metrics = {}
+        if kind == "regression":
+            per_example = jnp.sum((outputs - y) ** 2, axis=-1)
+        else:
+            per_example = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+            correct = (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+            if kind == "language_model":
+                per_example, correct = per_example.mean(-1), correct.mean(-1)
+            metrics["accuracy"] = jnp.sum(correct * weights) / x.shape[0]
+        metrics["weight"] = jnp.sum(weights) / x.shape[0]
+        return jnp.sum(per_example * weights) / x.shape[0], metrics
+
+    return loss
+
+
+def weighted_means(loss: Any, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"loss", "accuracy"?}``: the weighted means from :func:`loss_fn`'s outputs (or
+    their sums over equal-sized batches), as Python floats."""
+    loss, metrics = jax.device_get((loss, metrics))
+    weight = float(metrics["weight"])
+    out = {"loss": float(loss) / weight}
+    if "accuracy" in metrics:
+        out["accuracy"] = float(metrics["accuracy"]) / weight
+    return out
