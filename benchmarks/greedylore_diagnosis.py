@@ -50,7 +50,6 @@ def methods(rank: int, tau: int) -> dict[str, Any]:
         f"powersgd r={rank}": lore_jax.compressed_mean(compressors.powersgd(rank)),
         f"greedylore r={rank} (paper)": lore_jax.greedylore(
             rank, **{**lore_jax.GREEDYLORE_PAPER, "update_interval": tau}),
-        f"greedylore r={rank} (power tracking)": lore_jax.greedylore(rank, tracking="power"),
         f"greedylore r={rank} (default: range tracking)": lore_jax.greedylore(rank),
     }
 

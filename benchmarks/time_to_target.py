@@ -77,14 +77,14 @@ def methods(rank: int, tau: int, warmup: int, fraction: float, seed: int
             ) -> dict[str, tuple[Any, dict[str, int]]]:
     """Name -> (mean transform, GreedyLore phases to time) for every method available."""
     paper = dict(update_interval=tau, warmup_steps=warmup, axis_name=common.AXIS, key=seed,
-                 refresh="subspace_iteration", tracking="off")
+                 tracking="off")
     phases = {"refresh": warmup + tau, "compressed": warmup + 1}
     out: dict[str, Any] = {
         "dense": (common.dense_mean(), {}),
         f"greedylore r={rank}": (   # the default: range tracking, only the first refresh
             lore_jax.greedylore(rank, warmup_steps=warmup, axis_name=common.AXIS, key=seed),
             {"compressed": warmup + 1}),
-        f"greedylore r={rank} (paper settings, fast refresh)": (
+        f"greedylore r={rank} (paper settings)": (
             lore_jax.greedylore(rank, **paper), phases),
     }
     cm = common.compressors_module()
