@@ -19,7 +19,7 @@ identity compressor: EF14 memory resets to zero and EF21 trackers become exact, 
 is how GreedyLore's refresh steps reset (or, for EF21, initialise) the memory.
 
 The residual is always formed from the *local* reconstruction ``c_i``, before any
-collective (GreedyLore pitfall 5).
+collective.
 """
 
 from __future__ import annotations

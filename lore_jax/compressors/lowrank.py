@@ -251,10 +251,9 @@ def greedy_svd(rank: int) -> Compressor:
     its coordinates; the ``r`` rows of ``Z`` with the largest energy ``||Z_j||^2`` are kept
     (exact greedy selection, :func:`lore_jax.subspace.exact_greedy_project`): payload
     ``P = U[:, J]`` (``a x r``) and ``R = Z[J, :]`` (``r x b``), reconstruction ``P R``, the best
-    rank-``r`` approximation. The selected energy is at least ``r/a`` of the total, so it
-    is a contraction with ``delta = r / a`` (derived in the lore_jax GreedyLore spec,
-    section 2.2, consistent with the paper's framework; not quoted from the paper). The
-    basis is local, so payloads are all-gathered.
+    rank-``r`` approximation. The selected energy is at least ``r/a`` of the total (the
+    ``r`` largest of ``a`` row energies hold at least ``r/a`` of their sum), so it is a
+    contraction with ``delta = r / a``. The basis is local, so payloads are all-gathered.
 
     Bits: ``32 r (a + b)`` per matrix; dense leaves as the identity
     (``32 d`` for float32).
