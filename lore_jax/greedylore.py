@@ -1,21 +1,16 @@
 """GreedyLore: greedy low-rank gradient compression with error feedback.
 
-The transform runs inside ``jax.shard_map`` (or ``jax.pmap``) on each device's local
-gradients: every weight matrix is sent as its ``r`` best directions in a shared
-orthonormal basis, only those payloads are all-reduced, and the mean gradient rebuilt
-from them, the same on every device, goes on to the base optimizer::
+Runs inside ``jax.shard_map`` (or ``jax.pmap``) on each device's local gradients: each
+weight matrix is sent as its ``r`` best directions in a shared orthonormal basis, and the
+mean gradient rebuilt from them (the same on every device) goes to the base optimizer::
 
     tx = optax.chain(lore_jax.greedylore(4, axis_name="data"), optax.adam(1e-3))
 
-Two modes, one argument apart:
-
-* ``tracking="range"`` (default): the basis follows the gradient every compressed step
-  through a warm-started randomized range finder, and a group of ``k`` same-shape
-  matrices shares its ``k r`` best directions.
-* ``tracking="off"`` (or ``**GREEDYLORE_PAPER``): the paper's algorithm exactly.
-
-For one ``a x b`` matrix on device ``i`` at step ``t`` (0-based), and the function that
-implements each line (Chen et al. 2025, Algorithms 2-3 and eqs. (9)-(10)):
+``tracking="range"`` (default): the basis follows the gradient every compressed step by a
+warm-started randomized range finder, and a group of ``k`` same-shape matrices shares its
+``k r`` best directions. ``tracking="off"`` (``**GREEDYLORE_PAPER``): the paper's
+algorithm exactly. For one ``a x b`` matrix on device ``i`` at step ``t`` (0-based), with
+the function implementing each line (Chen et al. 2025, Algorithms 2-3, eqs. (9)-(10)):
 
 .. code-block:: text
 
@@ -35,10 +30,8 @@ implements each line (Chen et al. 2025, Algorithms 2-3 and eqs. (9)-(10)):
       send    R = mean_i U_J^T H_i                   all-reduce #2: r b floats
       rebuild out = U_J R + (I - U_J U_J^T) Y W^+   (E_i likewise),  Q = R^T
 
-``tau`` is ``update_interval``; range tracking refreshes only at its first compressed
-step unless one is given. Derivations (range tracking's contraction bound) and design
-choices (probes, orientation, size gate, EF21, non-finite steps, model-sharded
-parameters, dtypes, cost): ``docs/greedylore_derivations.md``.
+``tau`` is ``update_interval`` (range tracking: only the first refresh, unless given).
+Derivations and design choices: ``docs/greedylore_derivations.md``.
 
 References:
   Chen, He, Li, Jia, Yuan. "Greedy Low-Rank Gradient Compression for Distributed
