@@ -211,12 +211,12 @@ def _ritz(y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def probe_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
-    """Step ``t``'s probe key: ``fold_in(wrap_key_data([key, key], impl="unsafe_rbg"), t)``.
+    """Step ``t``'s probe key: ``jax.random.fold_in(key, t)`` (threefry, JAX's default).
 
     ``key`` is the transform's raw ``uint32[2]`` key, replicated, so every device draws
-    the same probes. They are drawn with XLA's own bit generator (``RngBitGenerator``)
-    rather than threefry, which on XLA:CPU compiles to kernels of its own; their values
-    may differ between backends and under ``jax.vmap``.
+    the same probes. The draw is portable: the same values on every backend and under
+    ``jax.vmap``, at no measurable compile or step cost against XLA's ``RngBitGenerator``
+    (``docs/greedylore_derivations.md``, "Probes").
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -224,8 +224,7 @@ def probe_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
       >>> jax.random.normal(probe_key(jnp.zeros(2, jnp.uint32), 3), (4,)).shape
       (4,)
     """
-    rbg = jax.random.wrap_key_data(jnp.concatenate([key, key]), impl="unsafe_rbg")
-    return jax.random.fold_in(rbg, t)
+    return jax.random.fold_in(key, t)
 
 
 def _draw_probes(cfg: _Config, key: jax.Array, shapes: list[tuple[int, ...]]

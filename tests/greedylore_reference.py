@@ -4,13 +4,13 @@ The paper's algorithm (``tracking="off"``: Chen et al. 2025, arXiv:2507.08784, A
 2-3) and range tracking (``tracking="range"``), both as the ``lore_jax.greedylore``
 module docstring and ``docs/greedylore_derivations.md`` state them. It keeps one (a x b)
 matrix state per compressible leaf and loops over devices explicitly; float64
-throughout. The only things it shares with lore_jax are the documented conventions: leaf
--> matrix view (flatten to (prod(shape[:-1]), shape[-1]), transpose if tall), the size
-gate, and the probe formula (groups of same oriented shape numbered by first
-appearance; the probes of step t for all groups drawn as one ``v =
-jax.random.normal(fold_in(wrap_key_data([key, key], impl="unsafe_rbg"), t), (n,))``,
-``n`` the sum over groups of ``p k a b`` (``p k b`` for range tracking's columns),
-group g's the g-th block of ``v``, reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
+throughout. The only things it shares with lore_jax are the documented conventions: leaf -> matrix
+view (flatten to (prod(shape[:-1]), shape[-1]), transpose if tall), the size gate, and
+the probe formula (groups of same oriented shape numbered by first appearance; the
+probes of step t for all groups drawn as one
+``v = jax.random.normal(jax.random.fold_in(key, t), (n,))``, ``n`` the sum over groups of
+``p k a b`` (``p k b`` for range tracking's columns), group g's the g-th block of ``v``,
+reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
 
 Range tracking: the left singular vectors of ``Y = mean_i H_i [qr(Q), v']``, ``v'`` the
 column probes with their part in ``span(qr(Q))`` removed, are the candidates, scored by
@@ -23,7 +23,6 @@ adds to the rows sent ``(I - P) H P_W``, ``P`` the selected directions' projecto
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -92,9 +91,7 @@ class GreedyLoreReference:
                 (self.num_probes, k, a, b)
 
         sizes = [int(np.prod(block(g))) for g in range(len(self.shapes))]
-        rbg = jax.random.wrap_key_data(jnp.concatenate([self.key, self.key]),
-                                       impl="unsafe_rbg")
-        v = np.asarray(jax.random.normal(jax.random.fold_in(rbg, self.t), (sum(sizes),)),
+        v = np.asarray(jax.random.normal(jax.random.fold_in(self.key, self.t), (sum(sizes),)),
                        np.float64)
         g = self.group[name]
         start = sum(sizes[:g])
