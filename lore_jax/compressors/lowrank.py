@@ -195,8 +195,8 @@ def random_projection(rank: int, *, unbiased: bool = False) -> Compressor:
     all-reduced. Without scaling (GoLore's projection) ``E||P P^T M - M||^2 = (1 - r/a)
     ||M||^2``: a contraction in expectation with ``delta = r / a``. With ``unbiased`` the
     reconstruction is scaled by ``a / r``: unbiased with ``alpha = a / r`` exactly (both
-    derived in the lore_jax spec, consistent with the framework of Khirirat et al. 2018;
-    not quoted from a paper). A new subspace is drawn at every call (every step under
+    follow from ``E[P P^T] = (r/a) I``, in the framework of Khirirat et al. 2018). A new
+    subspace is drawn at every call (every step under
     :func:`lore_jax.compressed_mean`).
 
     Bits: ``32 r b + 32`` per matrix (the factor and the seed; the seed comes from the
