@@ -12,7 +12,7 @@ Model totals add the per-leaf numbers (every method treats leaves independently;
 stacks same-shape matrices, which does not change their bytes), and one whole-model
 compile per method at ``--check-layers`` layers checks that sum against the HLO of the
 real tree. Embeddings, the tied LM head and the ResNet classifier are dense for every
-method (GreedyLore spec, section 1.4), so that all methods compress the same tensors.
+method, so that all methods compress the same tensors.
 
 Amortized GreedyLore bytes:
 

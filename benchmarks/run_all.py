@@ -3,7 +3,7 @@
 Example:
   python -m benchmarks.run_all                     # default sizes, results/ (~25 min, 2 cores)
   python -m benchmarks.run_all --full --out results/full
-  python -m benchmarks.run_all --only refresh,bytes_on_wire
+  python -m benchmarks.run_all --only overhead,bytes_on_wire
   python -m benchmarks.run_all --collect           # only rebuild results.md from the .md files
 """
 
@@ -15,13 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ["bytes_on_wire", "refresh", "overhead", "time_to_target", "collectives"]
+ORDER = ["bytes_on_wire", "overhead", "time_to_target", "collectives"]
 LONG = ["lm_quality", "greedylore_diagnosis"]   # run with --only (about 80 and 10 minutes)
 FULL = {
     "bytes_on_wire": ["--check-layers", "12"],
-    "refresh": ["--shapes", "256x1024,768x3072,1024x4096,2048x8192",
-                "--energy-shapes", "256x1024,1024x4096,2048x8192", "--chain", "10",
-                "--svd-repeats", "3", "--train-steps", "600"],
     "overhead": ["--configs", "digits:256,256 digits:1024,1024@1024 digits:2048,2048@2048 "
                  "charlm charlm@256",
                  "--rounds", "30"],

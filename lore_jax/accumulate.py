@@ -8,9 +8,8 @@ replacement for data-parallel chains: each device sums its own local gradients i
 per-device buffer, and only the ``k``-th call runs the inner chain, on the mean of the
 ``k`` micro-batch gradients, inside one branch of a ``lax.cond`` whose predicate is the
 replicated micro-step counter, so every device takes the same branch and the other
-``k - 1`` calls send nothing: the compressor sees only the accumulated gradient, and its
-step count (GreedyLore's warm-up and refresh schedule, error feedback) advances once per
-optimizer update.
+``k - 1`` calls send nothing: only the accumulated gradient is compressed, and steps are
+counted once per optimizer update.
 
 When the whole batch of an optimizer step is at hand, accumulating inside the step
 before the transform is simpler and faster: :func:`lore_jax.data_parallel` with

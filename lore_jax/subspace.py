@@ -5,7 +5,7 @@ with ``a = min(m, n) <= b = max(m, n)``, stacked along a leading axis of length 
 (same-shape matrices are handled with one batched SVD / matmul). Everything runs in
 float32 (SVD and QR refuse bfloat16, and bfloat16 bases lose orthonormality).
 
-Notation (GreedyLore spec, section 1): ``U`` is a complete ``a x a`` orthonormal basis
+Notation (GreedyLore, Chen et al. 2025): ``U`` is a complete ``a x a`` orthonormal basis
 (columns ``u_j``), ``Z = U^T H`` the coordinates of ``H`` in it, ``J`` the ``r`` selected
 directions, ``P = U[:, J]``, ``R = P^T H = Z[J, :]`` and the reconstruction ``P R``.
 """
@@ -265,101 +265,6 @@ def svd_basis(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     return fix_signs(u), s
 
 
-def subspace_iteration_basis(
-    h: jax.Array, u_prev: jax.Array, rank: int, iters: int = 1, oversample: int = 8
-) -> tuple[jax.Array, jax.Array]:
-    """Fast approximate refresh: block power iteration warm-started from the old basis.
-
-    The leading ``p = min(a, rank + oversample)`` columns of ``u_prev`` (the previous
-    top directions) are refined by ``iters`` steps of ``Q <- qr(H H^T Q)``, followed by a
-    Rayleigh-Ritz rotation (an eigendecomposition of the small ``p x p`` Gram matrix
-    ``(Q^T H)(Q^T H)^T``) that orders them by captured energy: the new block ``T``.
-
-    The rest of the basis is completed without an ``O(a^3)`` factorization, by the block
-    reflector of :func:`complete_basis` (the old basis supplies the complement); a complete
-    basis keeps the greedy selection contractive.
-
-    Cost ``O(iters * a * b * p + a^2 * p)`` against ``O(a^2 b)`` (with a much larger
-    constant) for a full SVD.
-
-    Args:
-      h: ``(..., a, b)`` float32 matrix to approximate.
-      u_prev: ``(..., a, a)`` previous complete basis (columns sorted by importance).
-      rank: the transform's rank ``r``.
-      iters: power iterations.
-      oversample: extra columns refined beyond ``r``.
-
-    Returns:
-      ``(U, S)`` as :func:`svd_basis`, where only the first ``p`` entries of ``S`` are
-      estimates (the rest are zero).
-    """
-    h = h.astype(jnp.float32)
-    u_prev = u_prev.astype(jnp.float32)
-    a = h.shape[-2]
-    p = min(a, rank + oversample)
-    q = u_prev[..., :p]
-    for _ in range(iters):
-        y = h @ (jnp.swapaxes(h, -1, -2) @ q)
-        q, _ = jnp.linalg.qr(y)
-    small = jnp.swapaxes(q, -1, -2) @ h                      # (..., p, b)
-    evals, w = jnp.linalg.eigh(small @ jnp.swapaxes(small, -1, -2))  # ascending
-    w, evals = w[..., ::-1], evals[..., ::-1]
-    s = jnp.sqrt(jnp.maximum(evals, 0.0))
-    top = q @ w                                              # (..., a, p) Ritz vectors
-    if p < a:
-        s = jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (a - p,), s.dtype)], axis=-1)
-    return fix_signs(complete_basis(top, u_prev)), s
-
-
-def complete_basis(top: jax.Array, u_prev: jax.Array) -> jax.Array:
-    """A complete orthonormal basis whose first ``p`` columns are ``top``.
-
-    The block-reflector completion of :func:`subspace_iteration_basis`: in the old
-    basis's coordinates ``top`` is ``C = U_prev^T T`` (``a x p``, orthonormal columns);
-    with ``O`` from the SVD of its top block ``C_1``, ``C' = C O`` has a symmetric
-    positive semidefinite top block ``C1'``, and the reflector ``F = I - (E + C') (I +
-    C1')^{-1} (E + C')^T`` (``E = [I_p; 0]``) maps ``E`` to ``-C'``, so ``U_prev F[:, p:]``
-    spans the complement of ``T``. It equals ``U_prev[:, p:]`` when ``span(T) =
-    span(U_prev[:, :p])`` and moves by ``O(||C_2||)`` under slow drift; ``I + C1'`` has
-    eigenvalues in ``[1, 2]``, so it is orthogonal to ``T`` to rounding for any ``T``.
-
-    Args:
-      top: ``(..., a, p)`` float32 orthonormal columns, ``p <= a``.
-      u_prev: ``(..., a, a)`` complete orthonormal basis.
-
-    Returns:
-      ``(..., a, a)``: ``[top, completion]`` (no sign convention applied).
-    """
-    a, p = top.shape[-2], top.shape[-1]
-    if p == a:
-        return top
-    # C^T = T^T U_prev (p x a), not C = U_prev^T T: XLA:CPU runs the product with the
-    # thin operand leading several times faster (it reads the a x a basis once either
-    # way). Every product below keeps U_prev on the right or un-transposed.
-    c_t = jnp.einsum("...xp,...xa->...pa", top, u_prev)     # (..., p, a) = C^T
-    left, sig, right_t = _svd_each(jnp.swapaxes(c_t[..., :p], -1, -2))  # C_1 = A S B^T
-    rot = jnp.swapaxes(right_t, -1, -2) @ jnp.swapaxes(left, -1, -2)     # B A^T
-    c_rot_t = jnp.swapaxes(rot, -1, -2) @ c_t               # C'^T = (C B A^T)^T
-    m_inv = (left / (1.0 + sig)[..., None, :]) @ jnp.swapaxes(left, -1, -2)  # (I + C1')^-1
-    w = u_prev[..., :p] + jnp.einsum("...xy,...py->...xp", u_prev, c_rot_t)  # U_prev (E + C')
-    # U_prev F[:, p:] = U_prev[:, p:] - W M^-1 C'^T[:, p:], formed over all a columns
-    # (the first p of this are not F's) and T written over the first p: one pass over
-    # the a x a output, where cutting out U_prev[:, p:] and concatenating took three.
-    reflected = u_prev - (w @ m_inv) @ c_rot_t
-    return jax.lax.dynamic_update_slice_in_dim(reflected, top.astype(reflected.dtype), 0,
-                                               axis=-1)
-
-
-def _svd_each(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``jnp.linalg.svd`` of each ``(..., m, n)`` matrix, one LAPACK call per matrix on
-    CPU (:func:`per_matrix`) when there are batch axes."""
-    if x.ndim == 2:
-        return jnp.linalg.svd(x)
-    flat = x.reshape((-1,) + x.shape[-2:])
-    out = per_matrix(jnp.linalg.svd, flat)
-    return tuple(o.reshape(x.shape[:-2] + o.shape[1:]) for o in out)
-
-
 def per_matrix(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
     """``fn(*stacks)`` on stacks of matrices ``(k, ...)``; on CPU, one matrix per LAPACK call.
 
@@ -393,41 +298,17 @@ def probe_scores(z: jax.Array, probes: jax.Array) -> jax.Array:
       probes: ``(num_probes, ..., a, b)`` standard normal probes.
 
     Returns:
-      ``(num_probes, ..., a)``. Average these over devices *before* squaring (spec
-      pitfall 3): ``E[mean(lam)^2] = ||u_j^T H_bar||^2``.
+      ``(num_probes, ..., a)``. Average these over devices *before* squaring:
+      ``E[mean(lam)^2] = ||u_j^T H_bar||^2``.
     """
     return jnp.sum(z[None] * probes, axis=-1)
-
-
-def shared_probe_scores(u: jax.Array, h: jax.Array, probes: jax.Array) -> jax.Array:
-    """Signed scores from one probe shared by all directions: ``lam = U^T (H v)``.
-
-    ``lam[p, ..., j] = u_j^T H v_p``, at O(ab + a^2) per probe instead of the O(a^2 b) of
-    ``Z = U^T H``. Each score has the law of :func:`probe_scores`'s,
-    ``N(0, ||u_j^T H||^2)``; the scores of different directions are correlated through
-    ``Z Z^T`` (independent when ``U`` diagonalises ``H H^T``).
-
-    Args:
-      u: ``(..., a, a)`` orthonormal basis (columns).
-      h: ``(..., a, b)`` matrices.
-      probes: ``(num_probes, ..., b)`` standard normal probes.
-
-    Returns:
-      ``(num_probes, ..., a)``; as for :func:`probe_scores`, average over devices before
-      squaring.
-    """
-    # Written as (H V)^T U with the probes as columns: XLA:CPU runs this form several
-    # times faster than the equivalent einsum (a transposed matrix-vector product there
-    # takes a slow path); the result is the same.
-    hv = h @ jnp.moveaxis(probes, 0, -1)                        # (..., a, num_probes)
-    return jnp.moveaxis(jnp.swapaxes(hv, -1, -2) @ u, -2, 0)    # (num_probes, ..., a)
 
 
 def greedy_select(scores: jax.Array, rank: int) -> jax.Array:
     """Indices of the ``rank`` largest scores along the last axis (ties: lower index).
 
     ``jax.lax.top_k`` is stable, so every device selects the same ``J`` from the same
-    replicated scores (spec pitfall 4).
+    replicated scores.
     """
     return jax.lax.top_k(scores, rank)[1]
 
@@ -453,7 +334,8 @@ def exact_greedy_project(u: jax.Array, h: jax.Array, rank: int) -> jax.Array:
     """Projection of ``h`` onto its ``rank`` highest-energy directions of the basis ``u``.
 
     The deterministic (exact-energy) greedy compressor: for any complete orthonormal
-    ``u``, ``||C(h) - h||^2 <= (1 - rank / a) ||h||^2`` (spec section 2.2).
+    ``u``, ``||C(h) - h||^2 <= (1 - rank / a) ||h||^2`` (the contraction of Chen et al.
+    2025's greedy selection, without its probes).
     """
     z = coordinates(u, h)
     idx = greedy_select(jnp.sum(z * z, axis=-1), rank)

@@ -1,30 +1,28 @@
-"""A NumPy reference of GreedyLore, written from the spec (section 1.3), not from the code.
+"""A NumPy reference of GreedyLore, written from its algorithm box, not from the code.
 
-It keeps one (a x b) matrix state per compressible leaf and loops over devices
-explicitly; float64 throughout. The only things it shares with lore_jax are the
-documented conventions: leaf -> matrix view (flatten to (prod(shape[:-1]), shape[-1]),
-transpose if tall), the size gate, and the probe formula (groups of same oriented
-shape numbered by first appearance; the probes of step t for all groups drawn as one
-``v = jax.random.normal(fold_in(wrap_key_data([key, key], impl="unsafe_rbg"), t), (n,))``,
-``n`` the sum over groups of ``p k a b`` (``p k b`` for shared probes and probe
-columns), group g's the g-th block of ``v``, reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
+The paper's algorithm (``tracking="off"``: Chen et al. 2025, arXiv:2507.08784, Algorithms
+2-3) and range tracking (``tracking="range"``), both as the ``lore_jax.greedylore``
+module docstring and ``docs/greedylore_derivations.md`` state them. It keeps one (a x b)
+matrix state per compressible leaf and loops over devices explicitly; float64
+throughout. The only things it shares with lore_jax are the documented conventions: leaf -> matrix
+view (flatten to (prod(shape[:-1]), shape[-1]), transpose if tall), the size gate, and
+the probe formula (groups of same oriented shape numbered by first appearance; the
+probes of step t for all groups drawn as one
+``v = jax.random.normal(jax.random.fold_in(key, t), (n,))``, ``n`` the sum over groups of
+``p k a b`` (``p k b`` for range tracking's columns), group g's the g-th block of ``v``,
+reshaped ``(p, k, a, b)`` or ``(p, k, b)``).
 
-The lore_jax extensions are written from the spec in the greedylore module docstring:
-basis tracking (``tracking="power"``: ``Y = mean_i H_i qr(Q)``, ``T = qr(Y)``, the old
-basis completes ``T`` through the block reflector ``F``, written here from its formula;
-scores are the exact energy inside ``span(qr(Q))`` plus probes outside it; and
-``tracking="range"``: the left singular vectors of ``Y = mean_i H_i [qr(Q), v']``, ``v'``
-the column probes with their part in ``span(qr(Q))`` removed, lead the basis, scored by
-their energy ``||u_j^T Y||^2``; its output adds to the rows sent ``(I - P) H P_W``, ``P``
-the selected directions' projector and ``P_W`` the projector onto span([qr(Q), v'])) and
-group allocation (``allocation="group"``: the group's ``k r`` best scores over all of its
-matrices, ties to the lower flat index ``m a + j``).
+Range tracking: the left singular vectors of ``Y = mean_i H_i [qr(Q), v']``, ``v'`` the
+column probes with their part in ``span(qr(Q))`` removed, are the candidates, scored by
+their energy ``||u_j^T Y||^2``; a group of k same-shape matrices takes its ``k r`` best
+scores over all of its matrices (ties to the lower flat index ``m c + j``); the output
+adds to the rows sent ``(I - P) H P_W``, ``P`` the selected directions' projector and
+``P_W`` the projector onto ``span([qr(Q), v'])``.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,32 +41,19 @@ def _svd_basis(h: np.ndarray) -> np.ndarray:
     return u
 
 
-def _complete(top: np.ndarray, u_prev: np.ndarray) -> np.ndarray:
-    """[T, U_prev F[:, p:]] with F = I - (E + C')(I + C1')^{-1}(E + C')^T (the spec's formula)."""
-    a, p = top.shape
-    if p == a:
-        return top
-    c = u_prev.T @ top
-    left, _, right_t = np.linalg.svd(c[:p])
-    c_rot = c @ right_t.T @ left.T
-    e = np.eye(a)[:, :p]
-    f = np.eye(a) - (e + c_rot) @ np.linalg.inv(np.eye(p) + c_rot[:p]) @ (e + c_rot).T
-    return np.concatenate([top, u_prev @ f[:, p:]], axis=1)
-
-
 def _top(score: np.ndarray, r: int) -> list[int]:
     return sorted(range(len(score)), key=lambda j: (-score[j], j))[:r]
 
 
 class GreedyLoreReference:
-    def __init__(self, params: dict, rank: int, tau: int, t0: int, n: int, key,
-                 ef: str | None = "ef14", rate: float = 2.0, probes: str = "independent",
-                 tracking: str = "off", track_every: int = 1, allocation: str = "matrix",
+    """``tau``: steps between refreshes (``None``: only the first, after the warm-up)."""
+
+    def __init__(self, params: dict, rank: int, tau: int | None, t0: int, n: int, key,
+                 ef: str | None = "ef14", rate: float = 2.0, tracking: str = "off",
                  num_probes: int = 1):
         self.names = sorted(params)  # dict leaves flatten in sorted-key order
         self.rank, self.tau, self.t0, self.n, self.ef, self.key = rank, tau, t0, n, ef, key
-        self.shared = probes == "shared"
-        self.tracking, self.track_every, self.allocation = tracking, track_every, allocation
+        self.tracking = tracking
         self.num_probes = num_probes
         self.t = 0
         self.comp, self.group, self.pos = {}, {}, {}
@@ -96,78 +81,58 @@ class GreedyLoreReference:
         self.U = {k: np.eye(a) for k, (a, _, _) in self.comp.items()}
         self.Q = {k: np.zeros((b, r)) for k, (_, b, r) in self.comp.items()}
 
-    def probes(self, name: str, columns: bool = False) -> np.ndarray:
-        """This step's probes of ``name``: ``(p, b)`` shared or columns, else ``(p, a, b)``."""
+    def probes(self, name: str) -> np.ndarray:
+        """This step's probes of ``name``: range tracking's columns ``(p, b)``, else
+        ``(p, a, b)``."""
         def block(g):   # group g's probes: (p, k, b) or (p, k, a, b)
             a, b = self.shapes[g]
             k = self.counts[g]
-            return (self.num_probes, k, b) if self.shared or columns else \
+            return (self.num_probes, k, b) if self.tracking == "range" else \
                 (self.num_probes, k, a, b)
 
         sizes = [int(np.prod(block(g))) for g in range(len(self.shapes))]
-        rbg = jax.random.wrap_key_data(jnp.concatenate([self.key, self.key]),
-                                       impl="unsafe_rbg")
-        v = np.asarray(jax.random.normal(jax.random.fold_in(rbg, self.t), (sum(sizes),)),
+        v = np.asarray(jax.random.normal(jax.random.fold_in(self.key, self.t), (sum(sizes),)),
                        np.float64)
         g = self.group[name]
         start = sum(sizes[:g])
         return v[start:start + sizes[g]].reshape(block(g))[:, self.pos[name]]
 
-    def score(self, name: str, xs: list[np.ndarray], q_hat: np.ndarray | None = None,
-              y: np.ndarray | None = None) -> np.ndarray:
+    def score(self, name: str, xs: list[np.ndarray]) -> np.ndarray:
         """Estimated energy of every direction of U in the mean, ``(a,)``: the mean over
-        probes of the squared device-averaged probe scores; after a tracking round, the
-        exact energy inside span(q_hat), ``||u_j^T y||^2``, plus the probe estimate of the
-        rest, with probes restricted to the complement of span(q_hat)."""
+        probes of the squared device-averaged probe scores
+        ``lam_j = mean_i <(U^T H_i)[j], v_j>``."""
         u = self.U[name]
-        lams = []
-        for v in self.probes(name):
-            if q_hat is not None:
-                v = v - (v @ q_hat) @ q_hat.T
-            if self.shared:   # one probe for every direction: lam_j = u_j^T H v
-                lams.append(np.mean([u.T @ (x @ v) for x in xs], axis=0))
-            else:             # one probe per direction: lam_j = <(U^T H)[j], v_j>
-                lams.append(np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0))
-        score = np.mean(np.square(lams), axis=0)
-        if y is not None:
-            score = score + np.sum((u.T @ y) ** 2, axis=1)
-        return score
+        lams = [np.mean([np.sum((u.T @ x) * v, axis=1) for x in xs], axis=0)
+                for v in self.probes(name)]
+        return np.mean(np.square(lams), axis=0)
 
     def compressed(self, xs: dict) -> tuple[dict, dict]:
         """One compressed step of every compressible leaf: (local, mean) reconstructions."""
-        in_cycle = (self.t - self.t0) % self.tau
         scores, right = {}, {}   # right: range tracking's projector onto span([Q_hat, v'])
         for name in self.comp:
-            tracked = self.tracking != "off" and (in_cycle - 1) % self.track_every == 0
-            if tracked and self.tracking == "power":
+            if self.tracking == "range":   # Ritz vectors of Hbar [Q_hat, v'], sigma^2
                 q_hat = np.linalg.qr(self.Q[name])[0]
-                y = np.mean([x @ q_hat for x in xs[name]], axis=0)
-                self.U[name] = _complete(np.linalg.qr(y)[0], self.U[name])
-                scores[name] = self.score(name, xs[name], q_hat, y)
-            elif tracked:   # range: Ritz vectors of Hbar [Q_hat, v'], scored by sigma^2
-                q_hat = np.linalg.qr(self.Q[name])[0]
-                v = self.probes(name, columns=True)
+                v = self.probes(name)
                 v = v - (v @ q_hat) @ q_hat.T                       # (p, b), outside span
                 w = np.concatenate([q_hat, v.T], axis=1)
                 y = np.mean([x @ w for x in xs[name]], axis=0)
                 right[name] = w @ np.linalg.pinv(w, rcond=1e-6)
-                self.U[name] = _complete(np.linalg.svd(y, full_matrices=False)[0],
-                                         self.U[name])
+                self.U[name] = np.linalg.svd(y, full_matrices=False)[0]
                 scores[name] = np.sum((self.U[name].T @ y) ** 2, axis=1)
             else:
                 scores[name] = self.score(name, xs[name])
         chosen = {}
-        if self.allocation == "matrix":
+        if self.tracking == "off":   # r directions per matrix
             chosen = {name: _top(scores[name], self.comp[name][2]) for name in self.comp}
-        else:
+        else:   # a group's k r best over all of its matrices
             for g in range(len(self.counts)):
                 members = sorted((n for n in self.comp if self.group[n] == g),
                                  key=lambda n: self.pos[n])
-                a, _, r = self.comp[members[0]]
+                c = len(scores[members[0]])
                 flat = np.concatenate([scores[n] for n in members])
-                picked = _top(flat, len(members) * r)
+                picked = _top(flat, len(members) * self.comp[members[0]][2])
                 for n in members:
-                    chosen[n] = [f % a for f in picked if f // a == self.pos[n]]
+                    chosen[n] = [f % c for f in picked if f // c == self.pos[n]]
         c_local, c_bar = {}, {}
         for name, js in chosen.items():
             p = self.U[name][:, js]
@@ -180,14 +145,11 @@ class GreedyLoreReference:
                 c_local[name] = [c + miss @ x @ right[name]
                                  for c, x in zip(c_local[name], xs[name], strict=True)]
                 c_bar[name] = c_bar[name] + miss @ np.mean(xs[name], axis=0) @ right[name]
-            if self.tracking != "off":
-                if self.allocation == "matrix":
-                    self.Q[name] = r_bar.T
-                else:   # rows of its r best-scored directions; the old column if unsent
-                    best = _top(scores[name], self.comp[name][2])
-                    for c, j in enumerate(best):
-                        if j in js:
-                            self.Q[name][:, c] = r_bar[js.index(j)]
+                # Q: rows of its r best-scored directions; the old column if unsent
+                best = _top(scores[name], self.comp[name][2])
+                for c, j in enumerate(best):
+                    if j in js:
+                        self.Q[name][:, c] = r_bar[js.index(j)]
         return c_local, c_bar
 
     def step(self, grads: list[dict]) -> dict:
@@ -207,13 +169,15 @@ class GreedyLoreReference:
                 xs[name] = [v - self.E[name][i] for i, v in enumerate(views)]
             else:
                 xs[name] = views
-        if t < self.t0 or (t - self.t0) % self.tau == 0:
+        since = t - self.t0
+        if since < 0 or (since == 0 if not self.tau else since % self.tau == 0):
             c_local, c_bar = {}, {}
             for name in self.comp:
                 hbar = np.mean(xs[name], axis=0)
                 if t >= self.t0:
                     self.U[name] = _svd_basis(hbar)
-                    self.Q[name] = hbar.T @ self.U[name][:, :self.comp[name][2]]
+                    if self.tracking == "range":
+                        self.Q[name] = hbar.T @ self.U[name][:, :self.comp[name][2]]
                 c_local[name], c_bar[name] = xs[name], hbar
         else:
             c_local, c_bar = self.compressed(xs)

@@ -141,7 +141,9 @@ class MatrixGroups(NamedTuple):
 class Compressor(NamedTuple):
     """A gradient compressor: pure functions plus its declared class and constant.
 
-    Attributes (the module docstring gives each contract in full):
+    The module docstring gives each attribute's contract in full.
+
+    Attributes:
       name: readable name with the hyperparameters.
       kind: ``"unbiased"``, ``"contractive"``, ``"absolute"`` or ``"none"``.
       linear: payloads may be averaged before decompression (all-reduce).

@@ -195,9 +195,9 @@ def random_projection(rank: int, *, unbiased: bool = False) -> Compressor:
     all-reduced. Without scaling (GoLore's projection) ``E||P P^T M - M||^2 = (1 - r/a)
     ||M||^2``: a contraction in expectation with ``delta = r / a``. With ``unbiased`` the
     reconstruction is scaled by ``a / r``: unbiased with ``alpha = a / r`` exactly (both
-    derived in the lore_jax spec, ``docs/spec.md`` §3-§4, consistent with the framework of
-    Khirirat et al. 2018; not quoted from a paper). A new subspace is drawn at every call
-    (every step under :func:`lore_jax.compressed_mean`).
+    follow from ``E[P P^T] = (r/a) I``, in the framework of Khirirat et al. 2018). A new
+    subspace is drawn at every call (every step under
+    :func:`lore_jax.compressed_mean`).
 
     Bits: ``32 r b + 32`` per matrix (the factor and the seed; the seed comes from the
     replicated key and is not sent); dense leaves as the identity
@@ -251,11 +251,9 @@ def greedy_svd(rank: int) -> Compressor:
     its coordinates; the ``r`` rows of ``Z`` with the largest energy ``||Z_j||^2`` are kept
     (exact greedy selection, :func:`lore_jax.subspace.exact_greedy_project`): payload
     ``P = U[:, J]`` (``a x r``) and ``R = Z[J, :]`` (``r x b``), reconstruction ``P R``, the best
-    rank-``r`` approximation. The selected energy is at least ``r/a`` of the total, so it
-    is a contraction with ``delta = r / a`` (the ``r`` rows of largest energy hold at
-    least ``r / a`` of the total; the same bound underlies GreedyLore's selection, Chen
-    et al. 2025). The
-    basis is local, so payloads are all-gathered.
+    rank-``r`` approximation. The selected energy is at least ``r/a`` of the total (the
+    ``r`` largest of ``a`` row energies hold at least ``r/a`` of their sum), so it is a
+    contraction with ``delta = r / a``. The basis is local, so payloads are all-gathered.
 
     Bits: ``32 r (a + b)`` per matrix; dense leaves as the identity
     (``32 d`` for float32).
