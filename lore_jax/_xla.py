@@ -4,6 +4,11 @@
   backend's LLVM optimisations.
 * :func:`opaque_ints`: offsets XLA cannot constant-fold, so that same-size cuts out of
   a packed buffer or a stack of matrices share one compiled kernel.
+* :func:`waits_for_each_step`: simulated CPU devices finish each step before the next.
+* :func:`blas_single_threaded`: one BLAS thread per LAPACK call on the CPU backend.
+
+The CPU scheduler flag the command line sets lives in :mod:`lore_jax.cli`, which must
+set it before JAX is imported.
 
 Each is kept because a measurement shows it pays (the numbers are in its docstring);
 the algorithm code calls them by name and reads the same without them.
@@ -11,6 +16,7 @@ the algorithm code calls them by name and reads the same without them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,3 +72,32 @@ def opaque_ints(values: Sequence[int], count: jax.Array) -> tuple[jax.Array, ...
     return jax.lax.cond(count >= 0,
                         lambda: tuple(jnp.int32(v) for v in values),
                         lambda: tuple(jnp.int32(0) for _ in values))
+
+
+def waits_for_each_step(mesh: jax.sharding.Mesh) -> bool:
+    """Whether a step on ``mesh`` should wait for its result before returning: when
+    several of this process's devices on it are CPU devices.
+
+    XLA:CPU runs simulated devices' collectives on one shared thread pool; several
+    multi-device steps in flight at once can leave a collective waiting for a device
+    whose work cannot get a thread (a deadlock seen on 2 cores). Accelerators, and one
+    CPU device per process, return at once as jitted functions do.
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return len(local) > 1 and all(d.platform == "cpu" for d in local)
+
+
+def blas_single_threaded() -> contextlib.AbstractContextManager:
+    """On the CPU backend, one BLAS thread per call (restored on exit); elsewhere nothing.
+
+    Simulated CPU devices each run on their own thread; a multi-threaded OpenBLAS inside
+    every one of them (an SVD, a QR) oversubscribes the cores and runs 10-100x slower.
+    """
+    if jax.default_backend() != "cpu":
+        return contextlib.nullcontext()
+    try:
+        import scipy.linalg  # noqa: F401  (load the LAPACK that jax's CPU kernels call)
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(1, user_api="blas")

@@ -42,7 +42,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import collectives, layout
+from lore_jax import _xla, collectives, layout
 
 
 def per_device(tree: Any, axis_name: Hashable = "data") -> Any:
@@ -128,12 +128,6 @@ def _batch_size(batch: Any) -> int:
             f"got leading sizes {sorted(sizes, key=str)}."
         )
     return sizes.pop()
-
-
-def _shares_cpu_threads(mesh: jax.sharding.Mesh) -> bool:
-    """Whether several of this process's devices on ``mesh`` are CPU devices."""
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    return len(local) > 1 and all(d.platform == "cpu" for d in local)
 
 
 def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh, copy: bool = True) -> Any:
@@ -237,7 +231,7 @@ def data_parallel(
     layout.check_mesh_axis(mesh, axis_name)
     n = mesh.shape[axis_name]
     k = int(micro_batches)
-    wait = _shares_cpu_threads(mesh)
+    wait = _xla.waits_for_each_step(mesh)
     compiled: dict[Any, Callable] = {}   # one jitted step per set of specs
     specs_cache: dict[Any, tuple] = {}   # the specs and step of each layout seen
     evaluators: dict[Any, tuple] = {}    # the specs and jitted evaluation of each layout

@@ -28,3 +28,22 @@ def test_opaque_ints_are_the_values_and_cuts_at_them_share_a_kernel():
     assert [int(v) for v in _xla.opaque_ints([0, 3, 5], jnp.int32(7))] == [0, 3, 5]
     assert kernels(4, opaque=True) == kernels(2, opaque=True)
     assert kernels(4, opaque=False) == kernels(2, opaque=False) + 2
+
+
+def test_steps_wait_only_where_several_cpu_devices_share_a_process(mesh):
+    assert _xla.waits_for_each_step(mesh)
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert not _xla.waits_for_each_step(one)
+
+
+def test_blas_is_single_threaded_inside_the_context_and_restored_after():
+    import threadpoolctl
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    with _xla.blas_single_threaded():
+        assert all(n == 1 for n in blas_threads())
+    assert blas_threads() == before

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lore_jax import accounting, layout
+from lore_jax import _xla, accounting, layout
 from lore_jax.data_parallel import DataParallel, data_parallel
 from lore_jax.training import data as data_lib
 from lore_jax.training import faults, models, optimizers, tasks
@@ -176,22 +176,6 @@ def make_mesh(devices: int | None) -> jax.sharding.Mesh:
         raise TrainingError(f"a multi-process run uses every device ({len(available)}); got "
                             f"--devices {n}.")
     return jax.make_mesh((n,), (AXIS,), devices=available[:n])
-
-
-def _blas_single_threaded():
-    """On the CPU backend, one BLAS thread per call (restored on exit).
-
-    Simulated CPU devices each run on their own thread; a multi-threaded OpenBLAS inside
-    every one of them (an SVD, a QR) oversubscribes the cores and runs 10-100x slower.
-    """
-    if jax.default_backend() != "cpu":
-        return contextlib.nullcontext()
-    try:
-        import scipy.linalg  # noqa: F401  (load the LAPACK that jax's CPU kernels call)
-        import threadpoolctl
-    except ImportError:  # pragma: no cover - scikit-learn depends on it
-        return contextlib.nullcontext()
-    return threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 _INIT_CACHE: dict[tuple, Any] = {}
@@ -384,7 +368,7 @@ def train(config: TrainConfig) -> RunResult:
     """
     done: list[int] = []   # the last finished step, for PeerLost
     try:
-        with _blas_single_threaded(), _preemption_notice() as stop:
+        with _xla.blas_single_threaded(), _preemption_notice() as stop:
             return _train(config.resolved(), stop, done)
     except Exception as e:
         if jax.process_count() > 1 and faults.is_peer_failure(e):
