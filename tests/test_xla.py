@@ -37,6 +37,7 @@ def test_steps_wait_only_where_several_cpu_devices_share_a_process(mesh):
 
 
 def test_blas_is_single_threaded_inside_the_context_and_restored_after():
+    import scipy.linalg  # noqa: F401  (the context loads it: count its BLAS from the start)
     import threadpoolctl
 
     def blas_threads():
