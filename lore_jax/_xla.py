@@ -6,6 +6,7 @@
   a packed buffer or a stack of matrices share one compiled kernel.
 * :func:`waits_for_each_step`: simulated CPU devices finish each step before the next.
 * :func:`blas_single_threaded`: one BLAS thread per LAPACK call on the CPU backend.
+* :func:`per_matrix`: factorizations of a stack of matrices one matrix at a time on CPU.
 
 The CPU scheduler flag the command line sets lives in :mod:`lore_jax.cli`, which must
 set it before JAX is imported.
@@ -101,3 +102,18 @@ def blas_single_threaded() -> contextlib.AbstractContextManager:
     except ImportError:  # pragma: no cover - scikit-learn depends on it
         return contextlib.nullcontext()
     return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def per_matrix(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
+    """``fn(*stacks)`` on stacks of matrices ``(k, ...)``; on CPU, one matrix per LAPACK call.
+
+    jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, LU) split a batch over XLA's intra-op
+    thread pool and block until it is done. When several devices of one process (e.g.
+    simulated CPU devices) factorize at once they can occupy every pool thread while
+    waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
+    platforms keep the batched call.
+    """
+    def one_at_a_time(*stacks):
+        return jax.lax.map(lambda xs: fn(*xs), stacks)
+
+    return jax.lax.platform_dependent(*stacks, cpu=one_at_a_time, default=fn)

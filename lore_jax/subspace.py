@@ -13,14 +13,17 @@ directions, ``P = U[:, J]``, ``R = P^T H = Z[J, :]`` and the reconstruction ``P 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lore_jax import collectives
+from lore_jax import _xla, collectives
+
+#: ``fn(*stacks)`` on stacks of matrices ``(k, ...)`` (:func:`lore_jax._xla.per_matrix`).
+per_matrix = _xla.per_matrix
 
 
 class DimensionNumbers(NamedTuple):
@@ -263,21 +266,6 @@ def svd_basis(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     u, s, _ = jnp.linalg.svd(h.astype(jnp.float32), full_matrices=False)
     return fix_signs(u), s
-
-
-def per_matrix(fn: Callable[..., jax.Array], *stacks: jax.Array) -> jax.Array:
-    """``fn(*stacks)`` on stacks of matrices ``(k, ...)``; on CPU, one matrix per LAPACK call.
-
-    jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, LU) split a batch over XLA's intra-op
-    thread pool and block until it is done. When several devices of one process (e.g.
-    simulated CPU devices) factorize at once they can occupy every pool thread while
-    waiting, and the step deadlocks. ``lax.map`` keeps every call unbatched on CPU; other
-    platforms keep the batched call.
-    """
-    def one_at_a_time(*stacks):
-        return jax.lax.map(lambda xs: fn(*xs), stacks)
-
-    return jax.lax.platform_dependent(*stacks, cpu=one_at_a_time, default=fn)
 
 
 def orthonormal_columns(y: jax.Array) -> jax.Array:
