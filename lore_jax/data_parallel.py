@@ -173,7 +173,8 @@ def data_parallel(
     applies the update, identical on every device. With ``micro_batches=k`` each device
     splits its shard into ``k`` micro-batches, averages their gradients in a
     ``lax.scan`` and calls ``tx`` once, so the compressed gradients are sent once per
-    optimizer step whatever ``k`` is (GreedyLore spec pitfall 12).
+    optimizer step whatever ``k`` is (where ``optax.MultiSteps`` around a compressing
+    transform would communicate on every micro-step; docs: "Gradient accumulation").
 
     Args:
       loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)``), pure and traceable.
@@ -200,7 +201,8 @@ def data_parallel(
       ``axis_name``; host arrays are placed, every process of a ``jax.distributed`` job
       holding the whole global batch; global ``jax.Array`` s already sharded over the
       axis are used as they are) and returns ``(params, opt_state, loss)`` with the loss
-      averaged over the global batch. ``evaluate(params, batch)`` returns that loss
+      averaged over the global batch (with ``has_aux``, ``(params, opt_state, loss,
+      aux)``). ``evaluate(params, batch)`` returns that loss
       (and ``aux``) without updating; its batch needs a leading axis divisible by ``N``.
       To evaluate a set that does not split evenly, pad it and give ``loss_fn``
       per-example weights: with ``aux`` holding the weight total of the shard divided by
