@@ -119,7 +119,6 @@ def test_the_pages_have_the_documented_blocks():
         assert any(marker in b for b in blocks), marker
 
 
-@pytest.mark.slow
 def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(pages):
     ns = after(pages, "def fit(")
     lore = held_out(ns, ns["loss_fn"], ns["params"])
@@ -179,7 +178,6 @@ def test_pmap_block_takes_the_same_step_on_every_device(pages):
     assert bits(ns["pmap_state"]) == bits(after(pages, "per_device(params)")["opt_state"])
 
 
-@pytest.mark.slow
 def test_nnx_block_is_within_2_percent_of_dense_and_all_reduces_what_it_reports(pages):
     ns = after(pages, "nnx.Optimizer")
     lore = held_out(ns, ns["nnx_loss"], ns["model"])

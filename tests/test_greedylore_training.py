@@ -75,17 +75,15 @@ def train(tx: optax.GradientTransformation, mesh) -> tuple[float, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "make_opt", [lambda: optax.sgd(0.02, momentum=0.9), lambda: optax.adam(1e-3)],
-    ids=["sgd_momentum", "adam"],
-)
-def test_greedylore_matches_dense_loss_with_10x_fewer_bits(mesh, make_opt):
-    dense_loss, _ = train(optax.chain(dense_all_reduce(), make_opt()), mesh)
+def test_greedylore_with_adam_matches_dense_loss_with_10x_fewer_bits(mesh):
+    """SGD with momentum on the same teacher is the README quickstart's claim
+    (tests/test_docs.py); this is Adam's."""
+    dense_loss, _ = train(optax.chain(dense_all_reduce(), optax.adam(1e-3)), mesh)
     # The default, range tracking: measured 0.01% above the dense loss with SGD and 0.7%
     # with Adam, at 10.7x fewer bits. (The paper's settings, with each device compressing
     # its own gradient, ended 2.2% above dense with Adam here, 1.8% with two probes.)
     lore = lore_jax.greedylore(4, warmup_steps=5, axis_name="data")
-    lore_loss, comm = train(optax.chain(lore, make_opt()), mesh)
+    lore_loss, comm = train(optax.chain(lore, optax.adam(1e-3)), mesh)
     assert dense_loss < 0.3  # the dense run learned the teacher (noise floor 0.25)
     print(f"dense {dense_loss:.5f} greedylore {lore_loss:.5f} bits {comm}")
     assert lore_loss <= 1.02 * dense_loss, (lore_loss, dense_loss)

@@ -391,6 +391,7 @@ def test_resumed_log_holds_each_step_once(reference_run, tmp_path):
     assert [r["loss"] for r in records if r["event"] == "train"] == _losses(full)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path):
     """SIGTERM to ``lore-jax train``: it finishes the step, checkpoints it, says so in one
     line and exits 0; ``--resume`` then gives the uninterrupted run's losses exactly (a
@@ -485,6 +486,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     assert summary["bits_sent"] == single.summary["bits_sent"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     """SIGTERM to process 1 of 2: JAX's preemption service stops both after the same
     step, which is checkpointed; both exit 0, and the resumed pair continues the losses
