@@ -198,9 +198,10 @@ def _average(idx: jax.Array, values: jax.Array, c: _Chunks) -> jax.Array:
         i, v = sent
         return (_scatter(total, i, v), _scatter(senders, i, jnp.ones_like(i))), None
 
-    zeros = collectives.vary_like(jnp.zeros((c.count, c.size), values.dtype), values)
-    (total, senders), _ = jax.lax.scan(add, (zeros, jnp.zeros(zeros.shape, jnp.int32)),
-                                       (idx, values))
+    shape = (c.count, c.size)
+    zeros = collectives.vary_like((jnp.zeros(shape, values.dtype), jnp.zeros(shape, jnp.int32)),
+                                  values)   # a model-sharded leaf's sums vary as its values
+    (total, senders), _ = jax.lax.scan(add, zeros, (idx, values))
     return jnp.where(senders > 0, total / jnp.maximum(senders, 1).astype(total.dtype), 0)
 
 
