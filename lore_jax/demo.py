@@ -8,25 +8,7 @@ whole optimizer (it returns ``-learning_rate * sign(...)``), used on its own::
 
     tx = lore_jax.demo(1e-3, axis_name="data")
 
-For one leaf on device ``i`` at step ``t``, with ``lr = learning_rate(t)``, ``beta =
-compression_decay`` and ``k = compression_topk``, each line in the function named
-right (Peng, Quesnelle and Kingma, Algorithm 1; ``bloc97/DeMo``, ``demo.py``):
-
-.. code-block:: text
-
-    u    = -lr * weight_decay * p                  decoupled weight decay     _descend
-    m_i  = beta * m_i + lr * g_i                   local momentum             _accumulate
-    C_i  = DCT(m_i)                                chunked DCT-II, per chunk  _encode
-    J_i  = top_k |C_i|                             k coefficients per chunk   _compress
-    m_i  = m_i - IDCT(C_i on J_i)                  what is sent leaves m_i    _compress
-    gather (J_j, C_j on J_j) from every device j   one all-gather             _exchange
-    Cbar = sum_{j: q in J_j} C_j[q] / #{j: q in J_j}   mean over the senders  _average
-    u    = u - lr * sign(IDCT(Cbar))               sign descent               _descend
-
-The DCT is the orthonormal DCT-II of each ``h x w`` chunk of the leaf's matrix view
-``(prod(shape[:-1]), shape[-1])`` (a vector is one row, a scalar a ``1 x 1`` matrix);
-a dimension's chunk size is its largest divisor not above ``compression_chunk``. With
-``sign_only=True`` a device sends ``sign(C_j[q])`` (one bit) instead of ``C_j[q]``.
+The algorithm, line by line against the functions below, is in :func:`demo`'s docstring.
 
 References:
   Peng, Quesnelle, Kingma. "DeMo: Decoupled Momentum Optimization". ICLR 2026
@@ -294,7 +276,27 @@ def demo(
     Every device accumulates its local gradients into its own momentum, sends the
     ``compression_topk`` largest DCT coefficients of each chunk of it and removes them
     from it; the update is the sign of the inverse DCT of the coefficients averaged
-    over the devices that sent each. The module docstring has the algorithm box.
+    over the devices that sent each.
+
+    For one leaf on device ``i`` at step ``t``, with ``lr = learning_rate(t)``, ``beta =
+    compression_decay`` and ``k = compression_topk``, each line in the function named
+    right, in the order of the reference implementation (``bloc97/DeMo``, ``demo.py``):
+
+    .. code-block:: text
+
+        u    = -lr * weight_decay * p                  decoupled weight decay     _descend
+        m_i  = beta * m_i + lr * g_i                   local momentum             _accumulate
+        C_i  = DCT(m_i)                                chunked DCT-II, per chunk  _encode
+        J_i  = top_k |C_i|                             k coefficients per chunk   _compress
+        m_i  = m_i - IDCT(C_i on J_i)                  what is sent leaves m_i    _compress
+        gather (J_j, C_j on J_j) from every device j   one all-gather             _exchange
+        Cbar = sum_{j: q in J_j} C_j[q] / #{j: q in J_j}   mean over the senders  _average
+        u    = u - lr * sign(IDCT(Cbar))               sign descent               _descend
+
+    The DCT is the orthonormal DCT-II of each ``h x w`` chunk of the leaf's matrix view
+    ``(prod(shape[:-1]), shape[-1])`` (a vector is one row, a scalar a ``1 x 1`` matrix);
+    a dimension's chunk size is its largest divisor not above ``compression_chunk``. With
+    ``sign_only=True`` a device sends ``sign(C_j[q])`` (one bit) instead of ``C_j[q]``.
 
     Bits: a device sends, per leaf, ``chunks * k * (index bits + value bits)`` with
     ``k = min(compression_topk, h w)``: indices as the narrowest unsigned integer that
