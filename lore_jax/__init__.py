@@ -6,6 +6,8 @@ Transforms (optax ``GradientTransformation``\\ s that run inside ``jax.shard_map
 * :func:`greedylore`: GreedyLore greedy low-rank compression with error feedback.
 * :func:`compressed_mean`: any compressor of :mod:`lore_jax.compressors` as a
   data-parallel mean with EF14 / EF21 error feedback.
+* :func:`demo`: DeMo, per-device momentum whose top DCT coefficients are all-gathered,
+  with sign descent (the whole optimizer).
 * :func:`stale`, :func:`reuse_last`: bounded-delay (asynchronous) gradients.
 
 * :func:`multi_steps`: gradient accumulation that communicates once per optimizer step.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from lore_jax.accumulate import MultiStepsState, multi_steps
     from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
     from lore_jax.data_parallel import DataParallel, data_parallel, per_device
+    from lore_jax.demo import DemoState, demo
     from lore_jax.flax_views import flax_dimension_numbers
     from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreBasis, greedylore
     from lore_jax.layout import shard_state, sharded_init, state_specs
@@ -49,7 +52,8 @@ _EXPORTS = {
     "MultiStepsState": "accumulate", "multi_steps": "accumulate",
     "CompressedMeanState": "compressed_mean", "compressed_mean": "compressed_mean",
     "DataParallel": "data_parallel", "data_parallel": "data_parallel",
-    "per_device": "data_parallel", "flax_dimension_numbers": "flax_views",
+    "per_device": "data_parallel", "DemoState": "demo", "demo": "demo",
+    "flax_dimension_numbers": "flax_views",
     "GREEDYLORE_PAPER": "greedylore", "GreedyLoreBasis": "greedylore",
     "greedylore": "greedylore", "shard_state": "layout", "sharded_init": "layout",
     "state_specs": "layout", "ReuseLastState": "staleness", "StaleState": "staleness",
@@ -59,7 +63,8 @@ _EXPORTS = {
 
 class _Package(types.ModuleType):
     """``lore_jax`` itself: importing a submodule whose name is also a public function
-    (``lore_jax.greedylore``, ``lore_jax.data_parallel``, ``lore_jax.compressed_mean``)
+    (``lore_jax.greedylore``, ``lore_jax.data_parallel``, ``lore_jax.compressed_mean``,
+    ``lore_jax.demo``)
     must not replace the function by the module, as Python's import system would when
     it binds the new submodule on its package."""
 
@@ -96,6 +101,7 @@ __all__ = [
     "cluster",
     "CompressedMeanState",
     "DataParallel",
+    "DemoState",
     "DimensionNumbers",
     "GreedyLoreBasis",
     "MultiStepsState",
@@ -105,6 +111,7 @@ __all__ = [
     "compressed_mean",
     "compressors",
     "data_parallel",
+    "demo",
     "flax_dimension_numbers",
     "greedylore",
     "GREEDYLORE_PAPER",
