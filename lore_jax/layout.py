@@ -42,11 +42,12 @@ from jax.sharding import PartitionSpec as P
 from lore_jax import _xla, collectives
 from lore_jax.accumulate import MultiStepsState
 from lore_jax.compressed_mean import CompressedMeanState
+from lore_jax.demo import DemoState
 from lore_jax.staleness import ReuseLastState, StaleState
 
 #: The lore_jax state classes :func:`state_specs` recognises by their field names alone.
 STATE_TYPES: tuple[type, ...] = (CompressedMeanState, StaleState, ReuseLastState,
-                                 MultiStepsState)
+                                 MultiStepsState, DemoState)
 
 
 def _is_spec(x: Any) -> bool:

@@ -90,6 +90,15 @@ class MLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x)))
 
 
+def test_nnx_optimizer_state_of_demo_keeps_its_momentum_per_device(mesh):
+    """An nnx.Optimizer around lore_jax.demo, split into an nnx.State: its momentum is
+    recognised by name as per-device, and nothing else is."""
+    model = MLP(nnx.Rngs(0))
+    _, state = nnx.split((model, nnx.Optimizer(model, lore_jax.demo(1e-3), wrt=nnx.Param)))
+    assert per_device_paths(lore_jax.state_specs(state)) == paths_with(state, "momentum")
+    assert paths_with(state, "momentum") != set()
+
+
 def test_nnx_optimizer_state_specs_and_shard_state(mesh):
     model = MLP(nnx.Rngs(0))
     tx = optax.chain(lore_jax.greedylore(2, min_compression_rate=0), optax.adam(1e-3))
