@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ["bytes_on_wire", "overhead", "time_to_target", "collectives"]
+ORDER = ["bytes_on_wire", "overhead", "time_to_target", "collectives", "workarounds"]
 LONG = ["lm_quality", "greedylore_diagnosis"]   # run with --only (about 80 and 10 minutes)
 FULL = {
     "bytes_on_wire": ["--check-layers", "12"],

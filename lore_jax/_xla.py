@@ -50,11 +50,11 @@ def opaque_ints(values: Sequence[int], count: jax.Array) -> tuple[jax.Array, ...
 
     XLA compiles a slice at a constant offset into a kernel of its own (the offset is
     part of it), and XLA:CPU compiles every distinct kernel (several ms each); slices of
-    one size at runtime offsets share one. Measured on the ``shard_map``'d update step of
-    a 24-layer 256-wide MLP on 4 simulated devices (2026-12-07): PowerSGD 18 distinct
-    kernels and 1.4 s of compile with these offsets against 109 and 3.0 s without,
-    GreedyLore 50 and 4.7 s against 141 and 9.3 s. ``jax.lax.optimization_barrier`` on
-    the offsets does not hide them (109 kernels).
+    one size at runtime offsets share one. ``python -m benchmarks.workarounds`` measures
+    it: on the update step of a 24-layer 256-wide MLP on 4 simulated devices, PowerSGD
+    compiles to 17 kernels in 0.60 s with these offsets against 108 in 1.37 s without,
+    GreedyLore to 54 in 1.51 s against 145 in 2.28 s (2026-12-07, 2 CPU cores).
+    ``jax.lax.optimization_barrier`` on the offsets does not hide them.
 
     Args:
       values: Python ints (offsets, positions).
