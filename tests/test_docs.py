@@ -131,6 +131,12 @@ def test_data_parallel_block_is_within_2_percent_of_dense_with_10x_fewer_bits(pa
     assert comm["bits_dense"] >= 10 * comm["bits_sent"], comm
 
 
+def test_evaluate_block_is_the_mean_loss_of_the_whole_batch(pages):
+    ns = after(pages, "evaluation.evaluate(")
+    want = ns["loss_fn"](jax.device_get(ns["params"]), ns["batch_at"](10**6, 4096))
+    np.testing.assert_allclose(float(ns["held_out_loss"]), float(want), rtol=1e-5)
+
+
 def test_data_parallel_step_all_reduces_what_communication_reports(pages):
     ns = after(pages, "def fit(")
     train = lore_jax.data_parallel(ns["loss_fn"], ns["tx"], ns["mesh"], donate=False)
