@@ -130,6 +130,12 @@ def _batch_size(batch: Any) -> int:
     return sizes.pop()
 
 
+def _layout_of(tree: Any) -> tuple:
+    """A hashable key of a tree's layout: its structure and its leaves' shardings."""
+    return jax.tree.structure(tree), tuple(getattr(x, "sharding", None)
+                                           for x in jax.tree.leaves(tree))
+
+
 def _place(tree: Any, specs: Any, mesh: jax.sharding.Mesh, copy: bool = True) -> Any:
     """Each leaf as a global array with ``NamedSharding(mesh, spec)`` (no copy if it is).
 
@@ -264,9 +270,7 @@ def data_parallel(
         structures and their leaves' shardings (a first call with unplaced arrays and the
         later calls with the step's outputs are two layouts of the same specs).
         """
-        layout_key = tuple((jax.tree.structure(t), tuple(getattr(x, "sharding", None)
-                                                         for x in jax.tree.leaves(t)))
-                           for t in (params, opt_state))
+        layout_key = (_layout_of(params), _layout_of(opt_state))
         if layout_key not in specs_cache:
             param_specs = layout.param_specs_of(params, mesh, axis_name)
             state_specs = layout.state_specs(opt_state, axis_name)
@@ -308,8 +312,7 @@ def data_parallel(
 
     def evaluator(params):
         """The parameters' specs and the jitted evaluation, kept per layout."""
-        layout_key = (jax.tree.structure(params),
-                      tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(params)))
+        layout_key = _layout_of(params)
         if layout_key not in evaluators:
             specs = layout.param_specs_of(params, mesh, axis_name)
             sharded = jax.shard_map(local_evaluate, mesh=mesh,
