@@ -8,6 +8,8 @@ Transforms (optax ``GradientTransformation``\\ s that run inside ``jax.shard_map
   data-parallel mean with EF14 / EF21 error feedback.
 * :func:`demo`: DeMo, per-device momentum whose top DCT coefficients are all-gathered,
   with sign descent (the whole optimizer).
+* :func:`diloco`: infrequent synchronisation (DiLoCo): local inner steps, then an outer
+  step on the pseudo-gradient averaged through any of the means above.
 * :func:`stale`, :func:`reuse_last`: bounded-delay (asynchronous) gradients.
 
 * :func:`multi_steps`: gradient accumulation that communicates once per optimizer step.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from lore_jax.compressed_mean import CompressedMeanState, compressed_mean
     from lore_jax.data_parallel import DataParallel, data_parallel, per_device
     from lore_jax.demo import DemoState, demo
+    from lore_jax.diloco import DilocoState, diloco, local_params
     from lore_jax.flax_views import flax_dimension_numbers
     from lore_jax.greedylore import GREEDYLORE_PAPER, GreedyLoreBasis, greedylore
     from lore_jax.layout import shard_state, sharded_init, state_specs
@@ -53,6 +56,7 @@ _EXPORTS = {
     "CompressedMeanState": "compressed_mean", "compressed_mean": "compressed_mean",
     "DataParallel": "data_parallel", "data_parallel": "data_parallel",
     "per_device": "data_parallel", "DemoState": "demo", "demo": "demo",
+    "DilocoState": "diloco", "diloco": "diloco", "local_params": "diloco",
     "flax_dimension_numbers": "flax_views",
     "GREEDYLORE_PAPER": "greedylore", "GreedyLoreBasis": "greedylore",
     "greedylore": "greedylore", "shard_state": "layout", "sharded_init": "layout",
@@ -64,7 +68,7 @@ _EXPORTS = {
 class _Package(types.ModuleType):
     """``lore_jax`` itself: importing a submodule whose name is also a public function
     (``lore_jax.greedylore``, ``lore_jax.data_parallel``, ``lore_jax.compressed_mean``,
-    ``lore_jax.demo``)
+    ``lore_jax.demo``, ``lore_jax.diloco``)
     must not replace the function by the module, as Python's import system would when
     it binds the new submodule on its package."""
 
@@ -102,6 +106,7 @@ __all__ = [
     "CompressedMeanState",
     "DataParallel",
     "DemoState",
+    "DilocoState",
     "DimensionNumbers",
     "GreedyLoreBasis",
     "MultiStepsState",
@@ -112,10 +117,12 @@ __all__ = [
     "compressors",
     "data_parallel",
     "demo",
+    "diloco",
     "flax_dimension_numbers",
     "greedylore",
     "GREEDYLORE_PAPER",
     "hlo_collectives",
+    "local_params",
     "multi_steps",
     "per_device",
     "problems",

@@ -9,6 +9,7 @@ Usage::
     lore-jax compare --task digits [--compressors dense,greedylore,powersgd,random --out DIR]
     lore-jax cluster --nodes 2 --rate 100mbit -- train --task lm ...  # an emulated cluster
     lore-jax train --compressor greedylore --tracking off ...   # the paper's GreedyLore
+    lore-jax train --sync-every 25 --compressor greedylore ...  # DiLoCo, compressed rounds
     lore-jax train --task lm --compressor greedylore \\
         [--data FILE_OR_DIR --seq-len 64 --d-model 64 --heads 4 --layers 2]
     python -m lore_jax ...                     # the same
@@ -143,6 +144,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(default: 7, 4 bits)")
     g.add_argument("--error-feedback", default="ef14", choices=("ef14", "ef21", "none"),
                    help="error feedback of the compressors (default: ef14)")
+    g.add_argument("--sync-every", type=int, default=None, metavar="H",
+                   help="infrequent synchronisation (DiLoCo): H local steps per device, then "
+                        "the pseudo-gradient's mean through --compressor and an outer SGD "
+                        "step (default: average every step)")
+    g.add_argument("--outer-lr", type=float, default=0.7,
+                   help="with --sync-every: the outer SGD's learning rate (default: 0.7)")
+    g.add_argument("--outer-momentum", type=float, default=0.9,
+                   help="with --sync-every: the outer SGD's Nesterov momentum, 0 for none "
+                        "(default: 0.9)")
     g.add_argument("--eval-every", type=int, default=100,
                    help="evaluate on the test set every N steps (and at the end)")
     g.add_argument("--eval-examples", type=int, default=None, metavar="N",
@@ -362,7 +372,8 @@ def _config(args: argparse.Namespace, compressor: str):
         update_interval=args.update_interval, warmup_steps=args.warmup_steps,
         error_feedback=None if args.error_feedback == "none" else args.error_feedback,
         tracking=args.tracking, fraction=args.fraction, levels=args.levels,
-        seed=args.seed, hidden=hidden,
+        sync_every=args.sync_every, outer_learning_rate=args.outer_lr,
+        outer_momentum=args.outer_momentum, seed=args.seed, hidden=hidden,
         data=args.data, seq_len=args.seq_len, d_model=args.d_model, num_heads=args.heads,
         num_layers=args.layers,
         eval_every=args.eval_every, eval_examples=args.eval_examples,

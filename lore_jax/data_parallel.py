@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lore_jax import _xla, collectives, layout
+from lore_jax.diloco import local_params
 
 
 def per_device(tree: Any, axis_name: Hashable = "data") -> Any:
@@ -245,7 +246,8 @@ def data_parallel(
     evaluators: dict[Any, tuple] = {}    # the specs and jitted evaluation of each layout
 
     def local_step(params, opt_state, batch):
-        value, grads = _local_gradients(loss_fn, params, batch, axis_name, has_aux, k)
+        at = local_params(opt_state, params)   # params, or a device's own under diloco
+        value, grads = _local_gradients(loss_fn, at, batch, axis_name, has_aux, k)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, _mean_over(value, axis_name)

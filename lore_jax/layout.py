@@ -43,11 +43,12 @@ from lore_jax import _xla, collectives
 from lore_jax.accumulate import MultiStepsState
 from lore_jax.compressed_mean import CompressedMeanState
 from lore_jax.demo import DemoState
+from lore_jax.diloco import DilocoState
 from lore_jax.staleness import ReuseLastState, StaleState
 
 #: The lore_jax state classes :func:`state_specs` recognises by their field names alone.
 STATE_TYPES: tuple[type, ...] = (CompressedMeanState, StaleState, ReuseLastState,
-                                 MultiStepsState, DemoState)
+                                 MultiStepsState, DemoState, DilocoState)
 
 
 def _is_spec(x: Any) -> bool:

@@ -59,6 +59,10 @@ class TrainConfig:
         paper's). See :func:`lore_jax.greedylore`.
       fraction: top-k's share of every leaf's entries.
       levels: QSGD's levels.
+      sync_every, outer_learning_rate, outer_momentum: infrequent synchronisation
+        (:func:`lore_jax.diloco`): ``sync_every`` local steps per round (``None``: average
+        every step), then the pseudo-gradient's mean through the compressor and an outer
+        SGD step with this learning rate and Nesterov momentum (0: none).
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
       d_model, num_heads, num_layers: the transformer's width, attention heads and
@@ -94,6 +98,9 @@ class TrainConfig:
     tracking: str = "range"
     fraction: float = 0.01
     levels: int = 7
+    sync_every: int | None = None
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
     d_model: int = 64
@@ -125,7 +132,7 @@ class TrainConfig:
             batch_size=self.batch_size or d.batch_size,
             learning_rate=self.learning_rate or d.learning_rate, hidden=tuple(self.hidden))
         for name in ("rank", "steps", "batch_size", "update_interval", "seq_len",
-                     "eval_examples"):
+                     "eval_examples", "sync_every"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got "
                                     f"{getattr(out, name)}.")
@@ -236,7 +243,8 @@ class _NetCounters:
 #: may ``--eval-every``, ``--checkpoint-every``, ``--log`` and ``--progress``.
 RESUME_SETTINGS = ("task", "model", "data", "seq_len", "compressor", "rank", "optimizer",
                    "learning_rate", "momentum", "schedule", "batch_size", "seed",
-                   "error_feedback", "update_interval", "warmup_steps", "tracking")
+                   "error_feedback", "update_interval", "warmup_steps", "tracking",
+                   "sync_every", "outer_learning_rate", "outer_momentum")
 #: Options of one compressor that a resumed run must share when it uses that compressor.
 COMPRESSOR_SETTINGS = {"topk": ("fraction",), "qsgd": ("levels",)}
 
@@ -488,7 +496,9 @@ def _setup(cfg: TrainConfig, mesh: jax.sharding.Mesh, dataset: data_lib.Dataset)
         learning_rate=cfg.learning_rate, momentum=cfg.momentum, schedule=cfg.schedule,
         total_steps=cfg.steps, axis_name=AXIS, update_interval=cfg.update_interval,
         warmup_steps=cfg.warmup_steps, error_feedback=cfg.error_feedback, seed=cfg.seed,
-        tracking=cfg.tracking, fraction=cfg.fraction, levels=cfg.levels)
+        tracking=cfg.tracking, fraction=cfg.fraction, levels=cfg.levels,
+        sync_every=cfg.sync_every, outer_learning_rate=cfg.outer_learning_rate,
+        outer_momentum=cfg.outer_momentum)
     train = data_parallel(tasks.loss_fn(dataset.kind, apply_fn), tx, mesh, axis_name=AXIS,
                           has_aux=True)
     return _Setup(mesh, dataset, new_model, params, tx, train)

@@ -13,6 +13,10 @@ base optimizer (Adam or SGD):
   ``fraction`` of every leaf, QSGD with ``levels`` levels per bucket of 512 entries, and
   the scaled sign (all-gathered; with error feedback, the last is EF-SignSGD).
 
+With ``sync_every=H`` the same mean averages DiLoCo's pseudo-gradients instead, once
+every ``H`` steps (:func:`lore_jax.diloco`): the base optimizer is each device's inner
+optimizer, and an outer SGD with Nesterov momentum steps the shared parameters.
+
 Any other optax chain works with :func:`lore_jax.data_parallel` too, as long as it
 averages the gradients over the axis before updating.
 """
@@ -25,6 +29,7 @@ import optax
 
 from lore_jax import compressors
 from lore_jax.compressed_mean import compressed_mean
+from lore_jax.diloco import diloco
 from lore_jax.greedylore import greedylore
 from lore_jax.training.errors import TrainingError
 
@@ -81,8 +86,11 @@ def make_optimizer(
     tracking: str = "range",
     fraction: float = 0.01,
     levels: int = 7,
+    sync_every: int | None = None,
+    outer_learning_rate: float = 0.7,
+    outer_momentum: float = 0.9,
 ) -> optax.GradientTransformation:
-    """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``.
+    """The optax chain ``mean-over-devices (compressed or not) -> base optimizer``, or DiLoCo.
 
     Args:
       compressor: one of :data:`COMPRESSORS`.
@@ -100,6 +108,10 @@ def make_optimizer(
       tracking: GreedyLore's basis tracking, ``"range"`` or ``"off"`` (the paper's).
       fraction: top-k's share of every leaf's entries.
       levels: QSGD's levels ``s`` (``1 + ceil(log2(s + 1))`` bits per entry).
+      sync_every: ``H``: :func:`lore_jax.diloco` with the base optimizer inside, the mean
+        on the pseudo-gradients every ``H`` steps; ``None``: the mean every step.
+      outer_learning_rate, outer_momentum: DiLoCo's outer SGD (Nesterov momentum; 0:
+        none).
 
     Returns:
       An ``optax.GradientTransformation`` to run inside ``jax.shard_map``.
@@ -109,12 +121,27 @@ def make_optimizer(
     """
     base = base_optimizer(optimizer, learning_rate_schedule(learning_rate, schedule, total_steps),
                           momentum)
+    mean = _mean(compressor, rank=rank, axis_name=axis_name, update_interval=update_interval,
+                 warmup_steps=warmup_steps, error_feedback=error_feedback, seed=seed,
+                 tracking=tracking, fraction=fraction, levels=levels)
+    if sync_every is None:
+        return optax.chain(mean, base)
+    outer = optax.sgd(outer_learning_rate, momentum=outer_momentum or None,
+                      nesterov=bool(outer_momentum))
+    try:
+        return diloco(base, outer, sync_every=sync_every, mean=mean, axis_name=axis_name)
+    except ValueError as e:
+        raise CompressorError(str(e).replace("sync_every", "--sync-every")) from None
+
+
+def _mean(compressor: str, *, rank: int, axis_name: Hashable, update_interval: int | None,
+          warmup_steps: int, error_feedback: str | None, seed: int, tracking: str,
+          fraction: float, levels: int) -> optax.GradientTransformation:
+    """The data-parallel mean of a compressor name (:data:`COMPRESSORS`)."""
     if compressor == "greedylore":
-        return optax.chain(
-            greedylore(rank, tracking=tracking, update_interval=update_interval,
-                       warmup_steps=warmup_steps, error_feedback=error_feedback, key=seed,
-                       axis_name=axis_name),
-            base)
+        return greedylore(rank, tracking=tracking, update_interval=update_interval,
+                          warmup_steps=warmup_steps, error_feedback=error_feedback, key=seed,
+                          axis_name=axis_name)
     factories = {
         "dense": compressors.identity,
         "powersgd": lambda: compressors.powersgd(rank),
@@ -123,15 +150,12 @@ def make_optimizer(
         "qsgd": lambda: compressors.qsgd(levels, bucket_size=QSGD_BUCKET),
         "sign": compressors.scaled_sign,
     }
-    if compressor in factories:
-        try:
-            q = factories[compressor]()
-        except ValueError as e:
-            raise CompressorError(f"{compressor}: {e}") from None
-        return optax.chain(
-            compressed_mean(q, axis_name=axis_name, key=seed,
-                            error_feedback=None if compressor == "dense" else error_feedback),
-            base)
-    raise CompressorError(
-        f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}.")
-
+    if compressor not in factories:
+        raise CompressorError(
+            f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}.")
+    try:
+        q = factories[compressor]()
+    except ValueError as e:
+        raise CompressorError(f"{compressor}: {e}") from None
+    return compressed_mean(q, axis_name=axis_name, key=seed,
+                           error_feedback=None if compressor == "dense" else error_feedback)
