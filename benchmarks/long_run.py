@@ -13,7 +13,8 @@ seed. A method spec is ``NAME[:KEY=VALUE,...]``:
   Adam, ``H`` steps per round, outer SGD with learning rate ``olr`` and Nesterov
   momentum ``om`` (0: none), the pseudo-gradient averaged by ``mean`` (``dense``,
   ``gl<r>``: GreedyLore rank r, ``psgd<r>``: PowerSGD, ``topk<f>``: top-k of a fraction
-  ``f`` of every leaf) with error feedback ``ef`` (``ef14`` or ``none``).
+  ``f`` of every leaf) with error feedback ``ef`` (``ef14`` or ``none``) whose memory
+  decays by ``decay`` per round (SparseLoCo's form; 1: EF14 itself).
 
 Every run is kept in ``<out>/long_run_runs.json`` once it finishes and is skipped when
 the command runs again, so the benchmark can be split, extended with more methods or
@@ -61,7 +62,8 @@ DEFAULTS: dict[str, dict[str, str]] = {
     "greedylore": {"r": "4"},
     "powersgd": {"r": "4"},
     "demo": {"k": "32", "lr": "1e-3", "chunk": "64", "sign": "0"},
-    "diloco": {"H": "25", "olr": "0.7", "om": "0.9", "mean": "dense", "ef": "ef14"},
+    "diloco": {"H": "25", "olr": "0.7", "om": "0.9", "mean": "dense", "ef": "ef14",
+               "decay": "1"},
 }
 #: The compression each target asks for, and the gap to dense it allows.
 TARGETS = ((8.0, 0.01, "greedylore"), (85.0, 0.02, None), (500.0, 0.05, None))
@@ -83,7 +85,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def make_mean(code: str, error_feedback: str | None, seed: int) -> Any:
+def make_mean(code: str, error_feedback: str | None, seed: int, decay: float = 1.0) -> Any:
     """The data-parallel mean a code names: ``dense``, ``gl<r>``, ``psgd<r>``, ``topk<f>``."""
     from lore_jax import compressors
 
@@ -93,10 +95,12 @@ def make_mean(code: str, error_feedback: str | None, seed: int) -> Any:
         return lore_jax.greedylore(int(code[2:]), error_feedback=error_feedback, key=seed)
     if code.startswith("psgd"):
         return lore_jax.compressed_mean(compressors.powersgd(int(code[4:])),
-                                        error_feedback=error_feedback, key=seed)
+                                        error_feedback=error_feedback, key=seed,
+                                        error_decay=decay)
     if code.startswith("topk"):
         return lore_jax.compressed_mean(compressors.top_k(fraction=float(code[4:])),
-                                        error_feedback=error_feedback, key=seed)
+                                        error_feedback=error_feedback, key=seed,
+                                        error_decay=decay)
     raise ValueError(f"unknown mean {code!r}; use dense, gl<r>, psgd<r> or topk<fraction>.")
 
 
@@ -116,7 +120,7 @@ def make_transform(spec: str, *, lr: float, steps: int, seed: int) -> Any:
     outer = optax.sgd(float(o["olr"]), momentum=momentum or None, nesterov=momentum > 0)
     ef = None if o["ef"] == "none" else o["ef"]
     return lore_jax.diloco(adam, outer, sync_every=int(o["H"]),
-                           mean=make_mean(o["mean"], ef, seed))
+                           mean=make_mean(o["mean"], ef, seed, float(o["decay"])))
 
 
 def key(size: str, steps: int, spec: str, seed: int) -> str:

@@ -510,6 +510,7 @@ def compressed_mean(
     weight_dimension_numbers: Any = None,
     batch_by_shape: bool = True,
     dense: Any = None,
+    error_decay: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     """The mean over devices of compressed gradients, with error feedback.
 
@@ -582,6 +583,9 @@ def compressed_mean(
         compressors with ``groups``); ``False``: one matrix at a time, rounds still packed.
       dense: optax-style mask, a pytree of bools like the parameters (or a callable
         ``params -> mask``); ``True`` sends a leaf dense (embeddings, output heads).
+      error_decay: ``beta`` in ``[0, 1]``, EF14 only: the device compresses ``g_i + beta
+        e_i`` (default 1, EF14 itself); below 1 old residuals fade geometrically, as in
+        SparseLoCo's error feedback on :func:`lore_jax.diloco`'s pseudo-gradients.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update(grads, state, params=None)``
@@ -623,7 +627,7 @@ def compressed_mean(
         raise TypeError(f"batch_by_shape must be True or False, got {batch_by_shape!r}.")
     return pipeline(compressor, axis_name=axis_name, error_feedback=error_feedback, key=key,
                     weight_dimension_numbers=weight_dimension_numbers,
-                    batch_by_shape=batch_by_shape, dense=dense)
+                    batch_by_shape=batch_by_shape, dense=dense, error_decay=error_decay)
 
 
 def _checked_outputs(mode: ef.ErrorFeedback, outs: list, stacks: list | None) -> list:
@@ -648,13 +652,14 @@ class _Step(NamedTuple):
 
 
 def _error_feedback_in(mode: ef.ErrorFeedback, leaves: list[jax.Array], treedef: Any,
-                       state: CompressedMeanState) -> _Step:
-    """Error-feedback input ``x_i = g_i + e_i`` (EF14), ``g_i - e_i`` (EF21), or ``g_i``."""
+                       state: CompressedMeanState, decay: float = 1.0) -> _Step:
+    """Error-feedback input ``x_i = g_i + decay e_i`` (EF14), ``g_i - e_i`` (EF21), or
+    ``g_i``."""
     absent = [None] * len(leaves)
     errors = [e[0] for e in treedef.flatten_up_to(state.error)] \
         if ef.has_local(mode) else absent
     trackers = treedef.flatten_up_to(state.tracker) if ef.has_global(mode) else absent
-    inputs = [ef.compress_input(mode, g, e) for g, e in zip(leaves, errors, strict=True)]
+    inputs = [ef.compress_input(mode, g, e, decay) for g, e in zip(leaves, errors, strict=True)]
     return _Step(errors, trackers, inputs)
 
 
@@ -767,6 +772,7 @@ def pipeline(
     batch_by_shape: bool,
     dense: Any,
     transform: str = "compressed_mean",
+    error_decay: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     """The data flow every lore_jax compressing transform runs, one named phase per
     arrow: :func:`_error_feedback_in` -> :func:`_send` (compress -> collective ->
@@ -775,6 +781,7 @@ def pipeline(
     ``transform`` names the public transform in error messages (``"greedylore"`` runs
     its compressor through this same pipeline)."""
     mode = ef.validate(error_feedback)
+    decay = ef.validate_decay(error_decay, mode)
     collectives.check_axis_name(axis_name, transform)
     base_key = collectives.as_key(key)
 
@@ -814,7 +821,7 @@ def pipeline(
                           None if compressor.groups is None
                           else lambda: _describe_groups(compressor, plans, updates))
         leaves, treedef = jax.tree.flatten(updates)
-        step = _error_feedback_in(mode, leaves, treedef, state)
+        step = _error_feedback_in(mode, leaves, treedef, state, decay)
         sent, cstate, group_bits, stacks = _send(
             compressor, plans, _step_bases(state, axis_name), leaves, step,
             state.compressor_state, _state_structure(updates), axis_name, state.count,

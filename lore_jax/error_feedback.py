@@ -7,7 +7,7 @@ averaged over devices: ``c_bar``), and updates its memory:
 ====== ======================== ============================ ==========================
 mode   x_i (compressed)         local memory after the step  output
 ====== ======================== ============================ ==========================
-ef14   ``g_i + e_i``            ``e_i = x_i - c_i``          ``c_bar``
+ef14   ``g_i + beta e_i``       ``e_i = x_i - c_i``          ``c_bar``
 ef21   ``g_i - e_i``            ``e_i = e_i + c_i``          ``h = h + c_bar`` (global)
 none   ``g_i``                  (no memory)                  ``c_bar``
 ====== ======================== ============================ ==========================
@@ -16,7 +16,10 @@ EF14 is Seide et al. (2014) / Stich et al. (2018) residual memory; EF21 is Richt
 al. (2021): each device tracks its gradient, and the replicated global tracker ``h``
 (equal to the mean of the ``e_i``) is what the optimizer sees. A dense step is the
 identity compressor: EF14 memory resets to zero and EF21 trackers become exact, which
-is how GreedyLore's refresh steps reset (or, for EF21, initialise) the memory.
+is how GreedyLore's refresh steps reset (or, for EF21, initialise) the memory. EF14's
+``beta`` (``error_decay``, default 1) below 1 forgets old residuals geometrically, as
+SparseLoCo (Sarfi et al., 2025) does for the pseudo-gradients of infrequent
+synchronisation.
 
 The residual is always formed from the *local* reconstruction ``c_i``, before any
 collective: the memory keeps what this device's own message left out, as EF14 and
@@ -54,10 +57,31 @@ def has_global(mode: ErrorFeedback) -> bool:
     return mode == "ef21"
 
 
-def compress_input(mode: ErrorFeedback, g: jax.Array, e: jax.Array | None) -> jax.Array:
-    """The vector device i compresses: ``g + e`` (EF14), ``g - e`` (EF21) or ``g``."""
+def validate_decay(error_decay: object, mode: ErrorFeedback) -> float:
+    """Checks a transform's ``error_decay`` (outside ``jit``): a number in ``[0, 1]``, and
+    1 unless the mode is EF14 (the only memory it applies to)."""
+    if (isinstance(error_decay, bool) or not isinstance(error_decay, (int, float))
+            or not 0.0 <= error_decay <= 1.0):
+        raise ValueError(
+            f"error_decay must be a number in [0, 1] (the share of the EF14 memory kept "
+            f"from step to step), got {error_decay!r}."
+        )
+    if error_decay != 1.0 and mode != "ef14":
+        raise ValueError(
+            f"error_decay={error_decay!r} applies to EF14's memory only, but "
+            f"error_feedback={mode!r}; use error_feedback='ef14' or error_decay=1.0."
+        )
+    return float(error_decay)
+
+
+def compress_input(mode: ErrorFeedback, g: jax.Array, e: jax.Array | None,
+                   decay: float = 1.0) -> jax.Array:
+    """The vector device i compresses: ``g + decay * e`` (EF14), ``g - e`` (EF21) or ``g``.
+
+    ``decay < 1`` forgets old residuals geometrically (SparseLoCo's error feedback, where
+    the decayed memory takes the place of an outer momentum)."""
     if mode == "ef14":
-        return g + e
+        return g + e if decay == 1.0 else g + decay * e
     if mode == "ef21":
         return g - e
     return g

@@ -84,6 +84,7 @@ def test_checkpoint_errors_leave_it_untouched(trained, capsys):
     (["train", "--task", "lm", "--d-model", "30"], "--d-model 30 is not divisible by --heads 4"),
     (["train", "--task", "lm", "--layers", "0"], "--layers must be at least 1, got 0"),
     (["train", "--task", "lm", "--heads", "0"], "--heads must be at least 1, got 0"),
+    (["train", "--sync-every", "0"], "--sync-every must be at least 1, got 0"),
 ])
 def test_bad_requests_give_one_line(mesh, tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

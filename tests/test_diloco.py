@@ -58,9 +58,10 @@ class NumpyAdam:
         return out
 
 
-def reference(x, y, steps, h, inner_lr, outer_lr, momentum, compress=None):
+def reference(x, y, steps, h, inner_lr, outer_lr, momentum, compress=None, decay=1.0):
     """DiLoCo (Algorithm 1) in NumPy, float64: per-device Adam kept across rounds, outer
-    SGD with Nesterov momentum (optax's form); ``compress(leaf) -> kept`` with EF14."""
+    SGD with Nesterov momentum (optax's form); ``compress(leaf) -> kept`` with EF14 whose
+    memory is multiplied by ``decay`` each round."""
     theta = {"w": np.zeros((6, 4)), "b": np.zeros(4)}
     local = [dict(theta) for _ in range(N)]
     adams = [NumpyAdam(inner_lr) for _ in range(N)]
@@ -75,7 +76,7 @@ def reference(x, y, steps, h, inner_lr, outer_lr, momentum, compress=None):
         if t % h == 0:
             sent = []
             for i in range(N):
-                d = {k: theta[k] - local[i][k] + errors[i][k] for k in theta}
+                d = {k: theta[k] - local[i][k] + decay * errors[i][k] for k in theta}
                 c = {k: compress(d[k]) for k in theta} if compress else d
                 errors[i] = {k: d[k] - c[k] for k in theta}
                 sent.append(c)
@@ -118,8 +119,10 @@ def test_dense_rounds_equal_the_numpy_algorithm(mesh):
                                              "bits_dense": 9 * dense_bits}
 
 
-def test_compressed_rounds_carry_error_feedback(mesh):
-    """Top-2 of every leaf with EF14 memory carried from round to round, outer SGD 1.0."""
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_compressed_rounds_carry_error_feedback(mesh, decay):
+    """Top-2 of every leaf with EF14 memory carried from round to round (decayed by
+    ``error_decay``, SparseLoCo's form), outer SGD 1.0."""
     x, y = linear_problem(1)
     k = 2
 
@@ -131,9 +134,10 @@ def test_compressed_rounds_carry_error_feedback(mesh):
         return keep.reshape(v.shape)
 
     tx = lore_jax.diloco(optax.adam(0.05), optax.sgd(1.0), sync_every=2,
-                         mean=lore_jax.compressed_mean(compressors.top_k(k)))
+                         mean=lore_jax.compressed_mean(compressors.top_k(k),
+                                                       error_decay=decay))
     got, state = run(tx, mesh, x, y, 8)
-    want = reference(x, y, 8, 2, 0.05, 1.0, 0.0, compress=top)
+    want = reference(x, y, 8, 2, 0.05, 1.0, 0.0, compress=top, decay=decay)
     for t, (g, w) in enumerate(zip(got, want, strict=True)):
         for name in SHAPES:
             np.testing.assert_allclose(g[name], w[name], rtol=2e-4, atol=1e-6,
@@ -217,6 +221,10 @@ def test_bad_arguments_name_the_parameter():
         lore_jax.diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=0)
     with pytest.raises(TypeError, match="inner must be an optax GradientTransformation"):
         lore_jax.diloco(0.1, optax.sgd(1.0), sync_every=2)
+    with pytest.raises(ValueError, match=r"error_decay must be a number in \[0, 1\].*got 1.5"):
+        lore_jax.compressed_mean(compressors.top_k(2), error_decay=1.5)
+    with pytest.raises(ValueError, match="applies to EF14's memory only.*'ef21'"):
+        lore_jax.compressed_mean(compressors.top_k(2), error_feedback="ef21", error_decay=0.9)
     with pytest.raises(TypeError, match="mean must be"):
         lore_jax.diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=2, mean="greedylore")
     tx = lore_jax.diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=2, axis_name=None,

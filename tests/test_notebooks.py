@@ -1,13 +1,15 @@
 """Executes every notebook in notebooks/ with nbclient; a cell that raises fails the test.
 
 Each notebook runs in a fresh kernel from the notebooks/ directory, with a time limit per
-cell. The kernel inherits this process's environment (conftest.py sets 8 simulated CPU
+cell; two kernels run at a time (a notebook's cells mostly compile, on one core). The
+kernel inherits this process's environment (conftest.py sets 8 simulated CPU
 devices; the notebooks' first cell sets them too when run by hand). Notebooks are stored
 without outputs, which is checked as well.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -31,6 +33,21 @@ def execute(nb: nbformat.NotebookNode, monkeypatch: pytest.MonkeyPatch) -> None:
     client.execute()
 
 
+@pytest.fixture(scope="module")
+def executed() -> dict[str, tuple[nbformat.NotebookNode, BaseException | None]]:
+    """Every notebook executed, two at a time: name -> (notebook, what it raised)."""
+    def run(name, mp):
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        try:
+            execute(nb, mp)
+        except Exception as e:  # noqa: BLE001 - reported by the notebook's own test
+            return nb, e
+        return nb, None
+
+    with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(NAMES, pool.map(lambda n: run(n, mp), NAMES), strict=True))
+
+
 def test_every_notebook_is_listed():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(NAMES)
 
@@ -48,9 +65,10 @@ def test_notebook_is_stored_without_outputs(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, monkeypatch):
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    execute(nb, monkeypatch)
+def test_notebook_runs(name, executed):
+    nb, raised = executed[name]
+    if raised is not None:
+        raise raised
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
