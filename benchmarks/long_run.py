@@ -6,7 +6,8 @@ each method spec, model size and seed, from the same initialisation and data ord
 seed. A method spec is ``NAME[:KEY=VALUE,...]``:
 
 * ``dense``: the uncompressed mean every step;
-* ``greedylore:r=4``, ``powersgd:r=4``: the compressed mean every step (EF14);
+* ``greedylore:r=4``, ``powersgd:r=4``, ``topk:f=0.01``: the compressed mean every step
+  (EF14; top-k keeps a fraction ``f`` of every leaf);
 * ``demo:k=32,lr=1e-3,chunk=64,sign=0``: :func:`lore_jax.demo` (the whole optimizer; its
   learning rate follows the same cosine decay);
 * ``diloco:H=25,olr=0.7,om=0.9,mean=gl4,ef=ef14``: :func:`lore_jax.diloco` with inner
@@ -61,6 +62,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
     "dense": {},
     "greedylore": {"r": "4"},
     "powersgd": {"r": "4"},
+    "topk": {"f": "0.01"},
     "demo": {"k": "32", "lr": "1e-3", "chunk": "64", "sign": "0"},
     "diloco": {"H": "25", "olr": "0.7", "om": "0.9", "mean": "dense", "ef": "ef14",
                "decay": "1"},
@@ -108,9 +110,10 @@ def make_transform(spec: str, *, lr: float, steps: int, seed: int) -> Any:
     """The optimizer of a method spec (its base or inner optimizer: Adam, cosine to 0)."""
     name, o = parse_method(spec)
     adam = optax.adam(optax.cosine_decay_schedule(lr, steps))
-    if name in ("dense", "greedylore", "powersgd"):
+    if name in ("dense", "greedylore", "powersgd", "topk"):
         mean = make_mean({"dense": "dense", "greedylore": f"gl{o.get('r')}",
-                          "powersgd": f"psgd{o.get('r')}"}[name], "ef14", seed)
+                          "powersgd": f"psgd{o.get('r')}", "topk": f"topk{o.get('f')}"}[name],
+                         "ef14", seed)
         return optax.chain(mean, adam)
     if name == "demo":
         return lore_jax.demo(optax.cosine_decay_schedule(float(o["lr"]), steps),

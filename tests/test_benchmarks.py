@@ -212,6 +212,34 @@ def test_lm_quality_runs_and_judges_its_targets_from_the_rows(tmp_path):
     assert e["difference"] == pytest.approx(0.05)
 
 
+def test_long_run_resumes_and_judges_its_targets_from_the_rows(tmp_path):
+    from benchmarks import long_run
+
+    args = ["--out", str(tmp_path), "--sizes", "16x1", "--seeds", "0", "--steps", "4",
+            "--eval-every", "2", "--eval-examples", "32"]
+    methods = ["--methods", "dense;diloco:H=2,olr=1,om=0,mean=topk0.1,decay=0.9"]
+    long_run.main([*args, *methods])
+    first = json.loads((tmp_path / "long_run_runs.json").read_text())
+    long_run.main([*args, *methods])            # resumed: finished runs are not run again
+    assert json.loads((tmp_path / "long_run_runs.json").read_text()) == first
+    rows = {r["method"]: r for r in _written(tmp_path, "long_run")["rows"]}
+    dense, dil = rows["dense"], rows["diloco:H=2,olr=1,om=0,mean=topk0.1,decay=0.9"]
+    assert dense["compression"] == 1.0 and dense["gap"] == 0.0
+    assert dil["compression"] > 2 * 5          # a round every 2 steps, 10% of each leaf
+    assert dil["gap"] == pytest.approx(dil["test_loss"] / dense["test_loss"] - 1)
+    # The verdicts follow from the rows alone (3 seeds needed).
+    def row(method, gap, compression, seeds=3):
+        return dict(size="s", steps=10, method=method, seeds=seeds, gap=gap,
+                    compression=compression)
+    fake = [row("greedylore:r=4", 0.009, 9.6), row("demo:k=8", 0.019, 90.0),
+            row("diloco:H=50", 0.06, 600.0), row("diloco:H=99", 0.01, 900.0, seeds=1)]
+    assert [c["met"] for c in long_run.check_targets(fake, "s", 10)] == [True, True, False]
+    with pytest.raises(ValueError, match="'x=1' is not KEY=VALUE with KEY in r"):
+        long_run.parse_method("greedylore:x=1")
+    with pytest.raises(ValueError, match="unknown method 'adam'"):
+        long_run.parse_method("adam")
+
+
 def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
     from benchmarks import greedylore_diagnosis as diag
 
@@ -230,7 +258,7 @@ def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
 
 @pytest.mark.parametrize("name", ["bytes_on_wire", "cluster_bytes", "cluster_time",
                                   "collectives", "gpu_check", "greedylore_diagnosis",
-                                  "lm_quality", "overhead", "run_all",
+                                  "lm_quality", "long_run", "overhead", "run_all",
                                   "time_to_target", "workarounds"])
 def test_every_benchmark_prints_its_help(name, capsys):
     """argparse %-formats help texts: a method named "topk 1%" once broke ``--help``."""
