@@ -52,7 +52,13 @@ def multi_steps(inner: optax.GradientTransformation, every_k_steps: int, *,
     local gradients to ``inner`` (e.g. ``optax.chain(lore_jax.greedylore(...),
     optax.adam(...))``), which compresses, all-reduces and updates once, and resets the
     buffer. Every lore_jax transform inside counts one step and its bits once per ``k``
-    calls.
+    calls. ``optax.MultiSteps``, which this replaces, runs ``inner`` on every call and
+    keeps one result in ``k``: its collectives run every time while the bit counters
+    count one in ``k`` (:func:`lore_jax.state_specs`, :func:`lore_jax.sharded_init` and
+    :func:`lore_jax.data_parallel` refuse it around a lore_jax mean; under ``jax.pmap``
+    nothing can check it, nor ``optax.apply_if_finite`` around the chain, which hangs
+    there when one device's gradient is not finite, nor ``axis_name=None``, with which
+    every device applies its own gradient).
 
     Args:
       inner: the chain to run once per optimizer step; it must start with a lore_jax
@@ -102,6 +108,7 @@ def multi_steps(inner: optax.GradientTransformation, every_k_steps: int, *,
                                inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        collectives.check_per_device_state(state, axis_name, "multi_steps")
         acc = jax.tree.map(lambda a, g: a[0] + g.astype(a.dtype), state.acc_grads, updates)
         last = state.mini_step + 1 >= k
 

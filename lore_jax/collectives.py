@@ -47,6 +47,15 @@ def axis_size(axis_name: AxisName) -> int:
         ) from e
 
 
+def is_bound(axis_name: Hashable) -> bool:
+    """Whether ``axis_name`` is bound here (inside ``jax.shard_map`` / ``jax.pmap`` over it)."""
+    try:
+        jax.lax.axis_size(axis_name)
+    except (NameError, KeyError, AssertionError, ValueError):
+        return False
+    return True
+
+
 def check_axis(axis_name: AxisName) -> int:
     """Validates ``axis_name`` at trace time; returns the axis size."""
     return axis_size(axis_name)
@@ -157,8 +166,15 @@ def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> 
     * ``axis_name=None`` inside ``shard_map``: no leaf may vary over a mesh axis, else
       every device would apply its own, unaveraged gradient.
 
+    A leaf that does not vary although the caller differentiated :func:`per_device`
+    parameters was replaced by a wrapper around the transform: ``optax.MultiSteps``
+    passes its accumulator, built from zeros and the same on every device (the message
+    names it; :func:`lore_jax.state_specs` refuses such a state before anything runs).
+
     Under ``jax.pmap`` and ``check_vma=False`` JAX does not track what values vary over
-    (and ``jax.grad`` returns local gradients there), so nothing is checked.
+    (and ``jax.grad`` returns local gradients there), so nothing is checked; nor is
+    ``axis_name=None`` under ``jax.pmap``, where every device then applies its own
+    gradient: the one misuse of the axis lore_jax cannot see.
 
     Raises:
       ValueError: naming the first offending leaf, what it varies over and the fix.
@@ -190,9 +206,58 @@ def check_local_gradients(updates: Any, axis_name: AxisName, transform: str) -> 
                 f"an update N times the mean). Differentiate with respect to "
                 f"lore_jax.per_device(params, {axis_name!r}) (i.e. jax.lax.pcast(params, "
                 f"{axis_name!r}, to='varying')), or build the step with "
-                f"lore_jax.data_parallel(loss_fn, tx, mesh)."
+                f"lore_jax.data_parallel(loss_fn, tx, mesh). If the gradients do come from "
+                f"per_device, a wrapper around {transform} replaced them: optax.MultiSteps "
+                f"passes its accumulator, which is the same on every device (and would run "
+                f"the collectives on every micro-step). Accumulate with "
+                f"lore_jax.multi_steps(tx, every_k_steps=k), or with "
+                f"lore_jax.data_parallel(loss_fn, tx, mesh, micro_batches=k)."
             )
 
+
+def check_per_device_state(state: Any, axis_name: AxisName, transform: str) -> None:
+    """Refuses, at trace time, per-device state fields that are not this device's own.
+
+    Inside the mapped function every leaf of a field named in the state's
+    ``PER_DEVICE_FIELDS`` holds one row, this device's (a leading axis of length 1), and
+    inside ``jax.shard_map`` with ``check_vma=True`` it varies over ``axis_name``. A leaf
+    with more rows, or none, was passed whole to every device (``in_specs=P()`` for a
+    state laid out over the axis; a ``jax.pmap`` state not made by the same ``pmap``). A
+    leaf that does not vary came in as ``P()``: a state made outside ``shard_map``
+    (``tx.init``, ``nnx.Optimizer``) has one row for all devices until
+    :func:`lore_jax.shard_state` lays it out. Outside any mapping (``axis_name`` not
+    bound) only the rows are checked.
+
+    Under ``check_vma=False`` a one-row state passed as ``P()`` cannot be told from a laid
+    out one, and is not refused.
+
+    Raises:
+      ValueError: naming the field, its shape and the lore_jax helper that lays it out.
+    """
+    checks_varying = axis_name is not None and is_bound(axis_name) and tracks_varying(axis_name)
+    for field in type(state).PER_DEVICE_FIELDS:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(get_field(state, field))[0]:
+            where, shape = f"{field}{jax.tree_util.keystr(path)}", np.shape(leaf)
+            if shape[:1] != (1,):
+                raise ValueError(
+                    f"{transform}: its state's per-device field {where} has shape {shape} "
+                    f"inside the mapped function, where it must hold this device's own row "
+                    f"(a leading axis of length 1): the state was passed whole to every "
+                    f"device. Under jax.shard_map, pass lore_jax.state_specs(opt_state) as "
+                    f"the state's in_specs and out_specs (P({axis_name!r}) for this field); "
+                    f"under jax.pmap, make the state with the same pmap "
+                    f"(jax.pmap(tx.init, axis_name={axis_name!r}) on stacked parameters)."
+                )
+            if checks_varying and axis_name not in varying_axes(leaf):
+                raise ValueError(
+                    f"{transform}: its state's per-device field {where} (shape {shape}) is "
+                    f"the same on every device: it came into jax.shard_map as P(), the "
+                    f"layout of a state made outside shard_map (tx.init, nnx.Optimizer), "
+                    f"which has one row for all devices. Lay the state out with "
+                    f"lore_jax.shard_state(opt_state, mesh) (or make it with "
+                    f"lore_jax.sharded_init(tx, params, mesh)) and pass "
+                    f"lore_jax.state_specs(opt_state) as its in_specs and out_specs."
+                )
 
 def all_finite(tree: Any) -> jax.Array:
     """Whether every entry of every leaf is finite: a scalar bool."""

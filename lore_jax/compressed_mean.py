@@ -542,9 +542,14 @@ def compressed_mean(
     mean, ``optax.chain(compressed_mean(...), optax.apply_if_finite(optax.adam(lr), k))``,
     where it sees the same (reduced) values on every device. Wrapped *around* the chain
     it tests each device's local gradient, so the device with the NaN skips the
-    collectives the others enter (a deadlock under ``jax.pmap``; under ``shard_map`` the
-    step does not trace). A device whose new memory alone is non-finite (a NaN that
-    top-k did not select) keeps its old memory.
+    collectives the others enter: under ``shard_map`` the step does not trace, and
+    :func:`lore_jax.state_specs`, :func:`lore_jax.sharded_init` and
+    :func:`lore_jax.data_parallel` refuse it (and ``optax.MultiSteps`` around the chain,
+    which runs the collectives on every micro-step while counting one in ``k``: use
+    :func:`lore_jax.multi_steps`); under ``jax.pmap`` nothing can check it, and it hangs.
+    Nor can ``axis_name=None`` under ``jax.pmap`` be checked: every device then applies
+    its own gradient. A device whose new memory alone is non-finite (a NaN that top-k
+    did not select) keeps its old memory.
 
     Matrices: a matrix compressor (``compressor.matrix``: PowerSGD, random projection,
     greedy SVD) compresses every matrix of a leaf, as ``weight_dimension_numbers`` cut
@@ -597,8 +602,10 @@ def compressed_mean(
       TypeError: a bad ``compressor`` or ``batch_by_shape``, or (at trace time) a
         non-float gradient leaf.
       ValueError: an unknown ``error_feedback`` or a bad ``key``; at trace time, an
-        ``axis_name`` that is not bound, gradients already summed over it, or gradients
-        that do not match the parameters the state was initialised with.
+        ``axis_name`` that is not bound, gradients already summed over it, gradients
+        that do not match the parameters the state was initialised with, or an error
+        memory that is not this device's own row (a state not laid out by
+        :func:`lore_jax.shard_state` / :func:`lore_jax.sharded_init`).
 
     References:
       Khirirat, Feyzmahdavian, Johansson, "Distributed learning with compressed gradients",
@@ -816,6 +823,7 @@ def pipeline(
         del params, extra_args
         collectives.check_floating(updates, transform)
         collectives.check_local_gradients(updates, axis_name, transform)
+        collectives.check_per_device_state(state, axis_name, transform)
         plans = plans_for(updates)
         _check_state_fits(updates, state, init_fn, transform,
                           None if compressor.groups is None

@@ -276,6 +276,9 @@ def data_parallel(
         if layout_key not in specs_cache:
             param_specs = layout.param_specs_of(params, mesh, axis_name)
             state_specs = layout.state_specs(opt_state, axis_name)
+            jax.tree_util.tree_map_with_path(
+                lambda path, x, spec: layout.check_rows(path, x, spec, mesh),
+                opt_state, state_specs)
             spec_key = (layout_key[0][0], layout_key[1][0],
                         tuple(jax.tree.leaves((param_specs, state_specs),
                                               is_leaf=lambda s: isinstance(s, P))))

@@ -307,6 +307,14 @@ def demo(
     what it sends, which grows with the number of devices while a dense all-reduce's
     traffic stays below twice the gradient (:mod:`lore_jax.accounting`).
 
+    Wrappers: DeMo is the whole optimizer; ``optax.apply_if_finite`` or
+    ``optax.MultiSteps`` around it decide per device or per call around its all-gather
+    (accumulate with :func:`lore_jax.multi_steps`). :func:`lore_jax.state_specs`,
+    :func:`lore_jax.sharded_init` and :func:`lore_jax.data_parallel` refuse both; under
+    ``jax.pmap`` nothing can check: ``apply_if_finite`` around it hangs when one device's
+    gradient is not finite, ``MultiSteps`` gathers on every micro-step while counting
+    one in ``k``, and ``axis_name=None`` lets every device apply its own update.
+
     Args:
       learning_rate: ``lr > 0``, or an optax schedule ``step -> lr``; it scales both the
         gradient entering the momentum and the sign step.
@@ -372,6 +380,7 @@ def demo(
         del extra_args
         collectives.check_floating(updates, "demo")
         collectives.check_local_gradients(updates, axis_name, "demo")
+        collectives.check_per_device_state(state, axis_name, "demo")
         _check_state_fits(updates, state.momentum)
         if weight_decay and params is None:
             raise ValueError(

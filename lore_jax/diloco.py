@@ -208,6 +208,14 @@ def diloco(
     state's ``bits_dense`` counts a dense all-reduce every step, so
     :func:`lore_jax.communication` gives the compression against dense data parallelism.
 
+    Wrappers: ``optax.apply_if_finite`` or ``optax.MultiSteps`` around it decide per
+    device or per call around the round's collectives; :func:`lore_jax.state_specs`,
+    :func:`lore_jax.sharded_init` and :func:`lore_jax.data_parallel` refuse both (put
+    ``apply_if_finite`` around ``outer``; accumulate with :func:`lore_jax.multi_steps`).
+    Under ``jax.pmap`` nothing can check: ``apply_if_finite`` around it hangs when one
+    device's update is not finite at a round, ``MultiSteps`` runs rounds it then
+    discards, and ``axis_name=None`` lets every device keep its own parameters.
+
     Args:
       inner: the optimizer of each device's local steps (e.g. ``optax.adam(3e-3)``); its
         count, and so its schedule, advances every step.
@@ -271,6 +279,7 @@ def diloco(
             )
         collectives.check_floating(updates, "diloco")
         collectives.check_local_gradients(updates, axis_name, "diloco")
+        collectives.check_per_device_state(state, axis_name, "diloco")
         local, inner_state, skipped = _inner_step(
             inner, updates, this_device(state.local), this_device(state.inner_state))
         count = optax.safe_increment(state.count)

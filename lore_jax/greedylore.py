@@ -464,6 +464,15 @@ def greedylore(
 ) -> optax.GradientTransformationExtraArgs:
     """GreedyLore gradient compression: mean of greedy top-r projections, with EF.
 
+    Wrappers: put ``optax.apply_if_finite`` after it, around the base optimizer, and
+    accumulate with :func:`lore_jax.multi_steps`, not ``optax.MultiSteps``;
+    :func:`lore_jax.state_specs`, :func:`lore_jax.sharded_init` and
+    :func:`lore_jax.data_parallel` refuse either wrapper around it. Under ``jax.pmap``
+    nothing can check: ``optax.apply_if_finite`` around it hangs when one device's
+    gradient is not finite, ``optax.MultiSteps`` runs its collectives on every micro-step
+    while counting one in ``k``, and ``axis_name=None`` lets every device apply its own
+    gradient.
+
     Args:
       rank: ``r >= 1``, directions kept per matrix (clipped to ``a = min(m, n)``).
       tracking: ``"range"`` (the default: every compressed step moves the basis by a
@@ -502,8 +511,10 @@ def greedylore(
     Raises:
       ValueError / TypeError naming the parameter, at construction for bad or removed
       arguments, and at trace time for an unbound ``axis_name``, gradients that are not
-      this device's own (already summed over the axis), non-float gradients, or gradients
-      that do not match the parameters the state was initialised with.
+      this device's own (already summed over the axis), non-float gradients, gradients
+      that do not match the parameters the state was initialised with, or per-device
+      state that is not this device's own row (a state not laid out by
+      :func:`lore_jax.shard_state` / :func:`lore_jax.sharded_init`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lore_jax

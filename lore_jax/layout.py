@@ -55,23 +55,101 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, P)
 
 
-def per_device_fields(node: Any) -> tuple[str, ...] | None:
-    """The per-device fields of a state node, or ``None`` if it is no lore_jax state.
+#: The lore_jax states of transforms that communicate over the data axis (those whose
+#: collectives an optax wrapper must not skip or repeat).
+COMMUNICATING: tuple[type, ...] = (CompressedMeanState, DemoState, DilocoState)
 
-    A typed state declares them (``PER_DEVICE_FIELDS``). A mapping (``nnx.State``, a dict)
-    is recognised as the lore_jax state of :data:`STATE_TYPES` whose fields its keys are
-    drawn from, when it has at least three of them, one a per-device field (fields that
-    hold no array, such as an empty tuple, are absent from an ``nnx.State``).
+
+def state_type(node: Any) -> type | None:
+    """The lore_jax state class of a state node, or ``None`` if it is no lore_jax state.
+
+    A typed state is its own class. A mapping (``nnx.State``, a dict) is recognised as the
+    state of :data:`STATE_TYPES` whose fields its keys are drawn from, when it has at least
+    three of them, one a per-device field (fields that hold no array, such as an empty
+    tuple, are absent from an ``nnx.State``).
     """
     if collectives.is_state(node):
-        return tuple(type(node).PER_DEVICE_FIELDS)
+        return type(node)
     keys = collectives.field_names(node)
     if keys is None or hasattr(node, "_fields") or len(keys) < 3:
         return None
     for cls in STATE_TYPES:
         if set(keys) <= set(cls._fields) and set(keys) & set(cls.PER_DEVICE_FIELDS):
-            return tuple(f for f in cls.PER_DEVICE_FIELDS if f in keys)
+            return cls
     return None
+
+
+def per_device_fields(node: Any) -> tuple[str, ...] | None:
+    """The per-device fields of a state node (those of :func:`state_type` it holds), or
+    ``None`` if it is no lore_jax state."""
+    cls = state_type(node)
+    if cls is None:
+        return None
+    keys = collectives.field_names(node) or ()
+    return tuple(f for f in cls.PER_DEVICE_FIELDS if f in keys)
+
+
+#: optax wrappers that must not hold a lore_jax transform that communicates, by the
+#: fields of their state (a NamedTuple, or the mapping of an ``nnx.State``), with why
+#: and what to use instead.
+WRAPPERS: dict[str, tuple[frozenset, str]] = {
+    "optax.MultiSteps": (
+        frozenset(optax.MultiStepsState._fields) - {"skip_state"},
+        "MultiSteps runs its inner chain, collectives included, on every micro-step but "
+        "keeps the state of only every k-th, so lore_jax.communication would count one in "
+        "k of the rounds sent; inside jax.shard_map it passes its accumulator, the same on "
+        "every device, in place of the local gradients. Accumulate with "
+        "lore_jax.multi_steps(tx, every_k_steps=k), which communicates once per k "
+        "micro-steps, or with lore_jax.data_parallel(loss_fn, tx, mesh, micro_batches=k) "
+        "when the whole batch is at hand."),
+    "optax.apply_if_finite": (
+        frozenset(optax.ApplyIfFiniteState._fields),
+        "Around the chain it tests each device's local gradient, so a device whose "
+        "gradient is not finite skips the collectives the others wait in: under "
+        "jax.shard_map the step does not trace, under jax.pmap it hangs. Put it after the "
+        "lore_jax transform, around the base optimizer: optax.chain(lore_jax.greedylore("
+        "...), optax.apply_if_finite(optax.adam(lr), max_consecutive_errors)), which tests "
+        "the mean, the same on every device (the lore_jax transform keeps its own state "
+        "on a non-finite step)."),
+}
+
+
+def _wrapper_name(node: Any) -> str | None:
+    keys = collectives.field_names(node)
+    if keys is None or hasattr(node, "shape"):
+        return None
+    return next((name for name, (fields, _) in WRAPPERS.items() if fields <= set(keys)),
+                None)
+
+
+def check_wrappers(opt_state: Any) -> None:
+    """Refuses an ``optax.MultiSteps`` or ``optax.apply_if_finite`` around a lore_jax
+    transform that communicates (:data:`COMMUNICATING`), anywhere in ``opt_state``.
+
+    Either wrapper decides per call, or per device, whether its inner chain's result is
+    kept, while the chain's collectives run (or wait) regardless; :data:`WRAPPERS` says
+    what goes wrong and what to use instead. Under ``jax.pmap`` no lore_jax function sees
+    the whole state, so there nothing refuses them.
+
+    Raises:
+      ValueError: naming the wrapper, the wrapped state's path, the cause and the fix.
+    """
+    wrappers = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: _wrapper_name(x) is not None)[0]
+    for path, node in wrappers:
+        name = _wrapper_name(node)
+        if name is None:
+            continue
+        inner = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: state_type(x) in COMMUNICATING)[0]
+        for inner_path, state in inner:
+            cls = state_type(state)
+            if cls in COMMUNICATING:
+                where = jax.tree_util.keystr(tuple(path) + tuple(inner_path))
+                raise ValueError(
+                    f"{name} wraps the lore_jax state opt_state{where} ({cls.__name__}), "
+                    f"which communicates over the data axis. {WRAPPERS[name][1]}"
+                )
 
 
 def _per_device_paths(tree: Any) -> list[tuple]:
@@ -137,6 +215,16 @@ def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
     Returns:
       A pytree of ``PartitionSpec`` with the structure of ``opt_state``.
 
+    Raises:
+      ValueError: ``optax.MultiSteps`` or ``optax.apply_if_finite`` around a lore_jax
+        transform that communicates (:func:`check_wrappers`), or a per-device leaf placed
+        on a mesh without a row for each device of ``axis_name`` (a state made outside
+        ``shard_map`` and replicated by hand: :func:`shard_state` lays it out). An unplaced
+        state made by ``tx.init`` outside ``shard_map`` has one row and is given its specs
+        (they are those of the state :func:`shard_state` makes of it); passed to
+        ``jax.shard_map`` as it is, JAX refuses it ("axis sizes that are not evenly
+        divisible"), as lore_jax cannot know the mesh it will meet.
+
     Example:
       >>> import jax, optax, lore_jax
       >>> tx = optax.chain(lore_jax.greedylore(4), optax.adam(1e-3))
@@ -145,6 +233,24 @@ def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
       >>> specs[0].error, specs[0].count
       ({'w': P('data',)}, P())
     """
+    specs = _specs(opt_state, axis_name)
+
+    def rows(path, leaf, spec):
+        sharding = getattr(leaf, "sharding", None)
+        if len(spec) and isinstance(sharding, NamedSharding):
+            placed = _trimmed(sharding.spec)
+            if axis_name not in _entry_axes(placed[0] if len(placed) else None):
+                check_rows(path, leaf, spec, sharding.mesh)
+        return spec
+
+    jax.tree_util.tree_map_with_path(rows, opt_state, specs)
+    return specs
+
+
+def _specs(opt_state: Any, axis_name: Hashable) -> Any:
+    """:func:`state_specs` without the check of placed leaves' rows (for
+    :func:`shard_state`, which gives a one-row leaf its rows)."""
+    check_wrappers(opt_state)
     per_device_paths = _per_device_paths(opt_state)
 
     def spec(path, leaf):
@@ -156,6 +262,33 @@ def state_specs(opt_state: Any, axis_name: Hashable = "data") -> Any:
         return P(axis_name) if per_device else P()
 
     return jax.tree_util.tree_map_with_path(spec, opt_state)
+
+
+def check_rows(path: Any, leaf: Any, spec: P, mesh: jax.sharding.Mesh) -> None:
+    """Refuses a state leaf whose leading axis does not split into ``spec[0]``'s devices.
+
+    A per-device leaf of a lore_jax state holds a row for each device of the data axis
+    (and of any model axis its spec names); one made outside ``shard_map`` has one row.
+
+    Raises:
+      ValueError: naming the leaf, its shape, the devices and the helper that lays it out.
+    """
+    axes = _entry_axes(spec[0]) if len(spec) else ()
+    shards = int(np.prod([mesh.shape[a] for a in axes if a in mesh.axis_names]))
+    shape = np.shape(leaf)
+    if not axes or (shape[:1] and shape[0] % shards == 0):
+        return
+    made = ("one row for all devices, as tx.init or nnx.Optimizer make it outside "
+            "shard_map" if shape[:1] == (1,) else
+            f"{shape[0]} rows" if shape else "no leading axis")
+    raise ValueError(
+        f"opt_state{jax.tree_util.keystr(path)} has shape {shape}: a per-device field of "
+        f"a lore_jax state, laid out {spec} with a row for each of the {shards} devices of "
+        f"the mesh's axes {axes}, but it has {made}. Lay the state out with "
+        f"lore_jax.shard_state(opt_state, mesh), or make it with "
+        f"lore_jax.sharded_init(tx, params, mesh) (with lore_jax.data_parallel: "
+        f"train.init(params))."
+    )
 
 
 def global_array(x: Any, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
@@ -190,7 +323,7 @@ def shard_state(opt_state: Any, mesh: jax.sharding.Mesh, axis_name: Hashable = "
     """
     check_mesh_axis(mesh, axis_name)
     n = mesh.shape[axis_name]
-    specs = state_specs(opt_state, axis_name)
+    specs = _specs(opt_state, axis_name)
 
     def place(x, spec):
         host = np.asarray(jax.device_get(x))

@@ -165,6 +165,7 @@ def stale(
         del params
         if axis_name is not None:
             collectives.check_axis(axis_name)
+        collectives.check_per_device_state(state, axis_name, "stale")
         k = state.count
         if schedule == "fixed":
             delay = jnp.minimum(k, tau)
@@ -249,6 +250,7 @@ def reuse_last(
         del params
         if axis_name is not None:
             collectives.check_axis(axis_name)
+        collectives.check_per_device_state(state, axis_name, "reuse_last")
         k = state.count
         age = state.delay[0] + 1
         report = (k == 0) | (age > state.deadline[0])

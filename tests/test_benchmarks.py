@@ -257,8 +257,9 @@ def test_diagnosis_shares_are_the_projection_energy_and_the_best_rank_r():
 
 
 @pytest.mark.parametrize("name", ["bytes_on_wire", "cluster_bytes", "cluster_time",
-                                  "collectives", "gpu_check", "greedylore_diagnosis",
-                                  "lm_quality", "long_run", "overhead", "run_all",
+                                  "collectives", "compile_leaves", "gpu_check",
+                                  "greedylore_diagnosis", "lm_quality", "long_run", "overhead",
+                                  "run_all",
                                   "time_to_target", "workarounds"])
 def test_every_benchmark_prints_its_help(name, capsys):
     """argparse %-formats help texts: a method named "topk 1%" once broke ``--help``."""

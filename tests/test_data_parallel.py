@@ -144,6 +144,71 @@ def test_data_parallel_averages_aux_and_checks_its_arguments(mesh):
         lore_jax.multi_steps(tx, 0)
 
 
+def test_data_parallel_refuses_optax_wrappers_and_unlaid_states_before_any_step(mesh):
+    """optax.MultiSteps / apply_if_finite around the chain, and a state made by tx.init
+    outside shard_map: init or step names the fix, and nothing is donated or trained."""
+    inner = optax.chain(lore_jax.greedylore(2), optax.sgd(0.1))
+    params, batch = make_params(), make_batch()
+    placed = jax.device_put(params, NamedSharding(mesh, P()))
+    for wrapped, name, fix in (
+            (optax.MultiSteps(inner, 4), "optax.MultiSteps", r"micro_batches=k"),
+            (optax.apply_if_finite(inner, 3), "optax.apply_if_finite",
+             r"around the base optimizer")):
+        train = lore_jax.data_parallel(loss_fn, wrapped, mesh)
+        with pytest.raises(ValueError, match=rf"{name} wraps the lore_jax state.*{fix}"):
+            train.init(params)
+        with pytest.raises(ValueError, match=rf"{name} wraps the lore_jax state.*{fix}"):
+            train.step(placed, wrapped.init(params), batch)
+    train = lore_jax.data_parallel(loss_fn, inner, mesh)
+    state = inner.init(params)
+    with pytest.raises(ValueError, match=r"opt_state\[0\]\.error\['unused'\] has shape "
+                                         r"\(1, 5\).*8 devices.*one row for all devices.*"
+                                         r"lore_jax\.shard_state\(opt_state, mesh\).*"
+                                         r"train\.init\(params\)"):
+        train.step(placed, state, batch)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(placed))   # nothing donated
+    np.testing.assert_array_equal(placed["w"], params["w"])
+    assert lore_jax.communication(state)["bits_sent"] == 0
+
+
+def test_multi_steps_under_hand_made_specs_names_optax_multi_steps(mesh):
+    """A step written by hand whose specs did not come from lore_jax.state_specs: inside
+    shard_map the accumulator optax.MultiSteps passes is the same on every device, and
+    the error names it and lore_jax.multi_steps, though the gradients come from
+    per_device."""
+    tx = optax.MultiSteps(optax.chain(lore_jax.greedylore(2), optax.sgd(0.1)), 4)
+    params = jax.device_put(make_params(), NamedSharding(mesh, P()))
+    state = tx.init(make_params())
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.device_put(jnp.broadcast_to(x, (N, *x.shape[1:])),
+                                       NamedSharding(mesh, P("data")))
+        if "error" in lore_jax.collectives.path_keys(path) else x, state)
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, _: P("data") if "error" in lore_jax.collectives.path_keys(path) else P(),
+        state)
+
+    def step(params, state, batch):
+        return tx.update(jax.grad(loss_fn)(lore_jax.per_device(params), batch), state, params)
+
+    step = jax.shard_map(step, mesh=mesh, in_specs=(P(), specs, P("data")),
+                         out_specs=(P(), specs))
+    batch = jax.device_put(make_batch(), NamedSharding(mesh, P("data")))
+    with pytest.raises(ValueError, match=r"optax\.MultiSteps passes its accumulator.*"
+                                         r"lore_jax\.multi_steps\(tx, every_k_steps=k\).*"
+                                         r"micro_batches=k"):
+        jax.eval_shape(step, params, state, batch)
+
+
+def test_every_communicating_transform_documents_what_pmap_cannot_check():
+    """Under jax.pmap nothing sees the wrappers or axis_name=None: the docstrings say so."""
+    for fn in (lore_jax.greedylore, lore_jax.compressed_mean, lore_jax.demo, lore_jax.diloco,
+               lore_jax.multi_steps):
+        doc = " ".join(fn.__doc__.split())
+        for words in ("jax.pmap", "optax.apply_if_finite", "optax.MultiSteps",
+                      "axis_name=None"):
+            assert words in doc, (fn.__name__, words)
+
+
 def test_per_device_needs_the_axis():
     with pytest.raises(ValueError, match="axis_name='data' is not bound"):
         lore_jax.per_device(make_params())

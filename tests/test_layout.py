@@ -134,6 +134,108 @@ def test_nnx_optimizer_state_specs_and_shard_state(mesh):
         np.testing.assert_allclose(d, -1e-3 * np.sign(np.asarray(g)), rtol=1e-3, atol=1e-7)
 
 
+
+# ------------------------------------------------- wrappers and states laid out by hand
+
+WRAPPED = {
+    "MultiSteps": (lambda tx: optax.MultiSteps(tx, 4),
+                   (r"optax\.MultiSteps wraps the lore_jax state opt_state\W+inner_opt_state\W+0\]"
+                    r".*every micro-step.*count one in k.*lore_jax\.multi_steps\(tx, "
+                    r"every_k_steps=k\).*data_parallel\(.*micro_batches=k\)")),
+    "apply_if_finite": (lambda tx: optax.apply_if_finite(tx, 3),
+                        (r"optax\.apply_if_finite wraps the lore_jax state opt_state"
+                         r"\W+inner_state\W+0\].*skips the collectives.*after the lore_jax "
+                         r"transform, around the base optimizer")),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPED))
+def test_optax_wrappers_around_a_mean_are_refused_before_anything_runs(mesh, wrapper):
+    """optax.MultiSteps / apply_if_finite around the chain: every lore_jax helper that lays
+    the state out names the wrapper and the placement to use, typed or as an nnx.State's
+    dicts; around the base optimizer alone (the right placement) they are fine."""
+    wrap, message = WRAPPED[wrapper]
+    tx = wrap(optax.chain(lore_jax.greedylore(2, min_compression_rate=0), optax.sgd(0.1)))
+    state = tx.init(PARAMS)
+    for call in (lambda: lore_jax.sharded_init(tx, PARAMS, mesh),
+                 lambda: lore_jax.state_specs(state),
+                 lambda: lore_jax.state_specs(as_dicts(state)),
+                 lambda: lore_jax.shard_state(state, mesh)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    right = optax.chain(lore_jax.greedylore(2), wrap(optax.sgd(0.1)))
+    assert per_device_paths(lore_jax.state_specs(right.init(PARAMS))) == {(0, "error", "b"),
+                                                                          (0, "error", "w")}
+    # Bounded delay does not communicate: a wrapper around it alone is not refused.
+    lore_jax.state_specs(wrap(lore_jax.stale(2)).init(PARAMS))
+
+
+def test_multi_steps_without_shape_checks_is_refused_not_miscounted(mesh):
+    """With check_vma=False the optax.MultiSteps chain would run, all-reducing on every
+    micro-step while lore_jax.communication counted one step in 4: the state's layout
+    refuses it first, and the parameters and state are untouched."""
+    tx = optax.MultiSteps(optax.chain(lore_jax.greedylore(2), optax.sgd(0.1)), 4)
+    state = tx.init(PARAMS)
+    before = jax.tree.map(np.asarray, state)
+    with pytest.raises(ValueError, match=r"optax\.MultiSteps.*count one in k"):
+        specs = lore_jax.state_specs(state)
+        jax.shard_map(lambda s: s, mesh=mesh, in_specs=(specs,), out_specs=specs,
+                      check_vma=False)(state)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+
+
+def test_a_state_made_outside_shard_map_names_shard_state(mesh):
+    """tx.init outside shard_map gives each per-device field one row. Replicated by hand
+    and handed to state_specs, or passed into shard_map as P() (check_vma on), lore_jax
+    names shard_state / sharded_init before any step runs."""
+    tx = optax.chain(lore_jax.greedylore(2, min_compression_rate=0), optax.sgd(0.1))
+    state = tx.init(PARAMS)
+    placed = jax.device_put(state, NamedSharding(mesh, P()))
+    with pytest.raises(ValueError, match=r"opt_state\[0\]\.error\['b'\] has shape \(1, 32\)"
+                                         r".*one row for all devices.*lore_jax\.shard_state"
+                                         r"\(opt_state, mesh\).*lore_jax\.sharded_init"):
+        lore_jax.state_specs(placed)
+    grads = jax.device_put({k: jnp.ones((N, *v.shape)) for k, v in PARAMS.items()},
+                           NamedSharding(mesh, P("data")))
+
+    def step(g, s):
+        return tx.update(jax.tree.map(lambda v: v[0], g), s, PARAMS)
+
+    by_hand = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), P()),
+                                    out_specs=(P(), P())))
+    with pytest.raises(ValueError, match=r"greedylore: its state's per-device field error"
+                                         r"\['b'\] \(shape \(1, 32\)\) is the same on every "
+                                         r"device.*lore_jax\.shard_state\(opt_state, mesh\)"):
+        by_hand(grads, placed)
+    # shard_state lays the same state out, and the step then runs.
+    laid_out = lore_jax.shard_state(state, mesh)
+    assert laid_out[0].error["w"].shape == (N, 16, 32)
+    specs = lore_jax.state_specs(laid_out)
+    jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), specs),
+                          out_specs=(P(), specs)))(grads, laid_out)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lore_jax.demo(1e-3),
+    lambda: lore_jax.stale(2, axis_name="data"),
+    lambda: lore_jax.multi_steps(optax.sgd(0.1), 2),
+], ids=["demo", "stale", "multi_steps"])
+def test_a_laid_out_state_passed_whole_names_state_specs(mesh, make):
+    """A laid out state (N rows) passed whole to every device: each transform with
+    per-device fields names them and state_specs (check_vma off: rows are all it sees)."""
+    tx = make()
+    state = lore_jax.sharded_init(tx, PARAMS, mesh)
+    grads = jax.device_put({k: jnp.ones((N, *v.shape)) for k, v in PARAMS.items()},
+                           NamedSharding(mesh, P("data")))
+    specs = jax.tree.map(lambda _: P(), state)
+    step = jax.shard_map(lambda g, s: tx.update(jax.tree.map(lambda v: v[0], g), s, PARAMS),
+                         mesh=mesh, in_specs=(P("data"), specs), out_specs=(P(), specs),
+                         check_vma=False)
+    with pytest.raises(ValueError, match=r"its state's per-device field \w+.* has shape "
+                                         r"\(8,.*lore_jax\.state_specs\(opt_state\)"):
+        jax.eval_shape(step, grads, jax.device_put(state, NamedSharding(mesh, P())))
+
+
 # --------------------------------------------------------------- model-sharded parameters
 
 MODEL_SPECS = {"w1": P(None, "model"), "w2": P("model", None), "b1": P("model")}
