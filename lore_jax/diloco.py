@@ -237,7 +237,7 @@ def diloco(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lore_jax
-      >>> tx = lore_jax.diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=2,
+      >>> tx = lore_jax.diloco(optax.sgd(0.25), optax.sgd(1.0), sync_every=2,
       ...     mean=lore_jax.compressed_mean(lore_jax.compressors.identity(),
       ...                                   error_feedback=None, axis_name=None),
       ...     axis_name=None)
@@ -249,7 +249,7 @@ def diloco(
       Array([0., 0., 0.], dtype=float32)
       >>> updates, state = tx.update(grads, state, params)   # the round ends
       >>> updates["w"]
-      Array([-0.2, -0.2, -0.2], dtype=float32)
+      Array([-0.5, -0.5, -0.5], dtype=float32)
     """
     _check_options(inner, outer, sync_every, mean)
     collectives.check_axis_name(axis_name, "diloco")
