@@ -18,8 +18,9 @@ seed. A method spec is ``NAME[:KEY=VALUE,...]``:
   decays by ``decay`` per round (SparseLoCo's form; 1: EF14 itself).
 
 Every run is kept in ``<out>/long_run_runs.json`` once it finishes and is skipped when
-the command runs again, so the benchmark can be split, extended with more methods or
-seeds, and resumed after an interruption (a run cut off midway starts again).
+the command runs again, so the benchmark can be split (several processes may share the
+directory), extended with more methods or seeds, and resumed after an interruption (a
+run cut off midway starts again).
 
 Reported per (size, steps, method): the held-out loss at the end (mean, and min-max over
 the seeds), its gap to dense's, the bits one device sent and the compression against
@@ -128,6 +129,22 @@ def make_transform(spec: str, *, lr: float, steps: int, seed: int) -> Any:
 
 def key(size: str, steps: int, spec: str, seed: int) -> str:
     return f"{size}|{steps}|{spec}|{seed}"
+
+
+def load_runs(cache: Path) -> dict[str, Any]:
+    return json.loads(cache.read_text()) if cache.exists() else {}
+
+
+def save_run(cache: Path, k: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Adds one finished run to the cache file and returns all runs in it: the file is
+    read again first, so several processes can share one directory (each run is
+    written by the process that ran it; the write is atomic)."""
+    runs = load_runs(cache)
+    runs[k] = record
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(runs, indent=1))
+    tmp.replace(cache)
+    return runs
 
 
 def run_one(size: str, spec: str, seed: int, args) -> dict[str, Any]:
@@ -239,20 +256,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "long_run_runs.json"
-    runs = json.loads(cache.read_text()) if cache.exists() else {}
     print(f"long run: {common.describe_machine()}")
     for size in [] if args.report_only else sizes:
         for seed in common.ints(args.seeds):
             for spec in methods:
                 k = key(size, args.steps, spec, seed)
-                if k in runs:
+                if k in load_runs(cache):
                     continue
-                runs[k] = run_one(size, spec, seed, args)
-                cache.write_text(json.dumps(runs, indent=1))
-                r = runs[k]
+                r = run_one(size, spec, seed, args)
+                save_run(cache, k, r)
                 print(f"  {k}: held-out {r['final_test_loss']:.4f}, "
                       f"{r['bits_dense'] / max(r['bits_sent'], 1):.1f}x, {r['wall_s']:.0f} s",
                       flush=True)
+    runs = load_runs(cache)
     rows = summarize(runs)
     longest = max((r["steps"] for r in rows if r["size"] == sizes[0]), default=args.steps)
     checks = check_targets(rows, sizes[0], longest)
