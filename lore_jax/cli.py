@@ -148,11 +148,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="infrequent synchronisation (DiLoCo): H local steps per device, then "
                         "the pseudo-gradient's mean through --compressor and an outer SGD "
                         "step (default: average every step)")
-    g.add_argument("--outer-lr", type=float, default=0.7,
-                   help="with --sync-every: the outer SGD's learning rate (default: 0.7)")
-    g.add_argument("--outer-momentum", type=float, default=0.9,
+    g.add_argument("--outer-lr", type=float, default=None,
+                   help="with --sync-every: the outer SGD's learning rate (default: 0.7 "
+                        "with --compressor dense, 1.0 with a compressed mean)")
+    g.add_argument("--outer-momentum", type=float, default=None,
                    help="with --sync-every: the outer SGD's Nesterov momentum, 0 for none "
-                        "(default: 0.9)")
+                        "(default: 0.9 with --compressor dense, 0 with a compressed mean, "
+                        "whose error feedback takes its place)")
     g.add_argument("--eval-every", type=int, default=100,
                    help="evaluate on the test set every N steps (and at the end)")
     g.add_argument("--eval-examples", type=int, default=None, metavar="N",

@@ -34,7 +34,8 @@ from lore_jax.training.errors import TrainingError
 
 AXIS = "data"
 # Config fields whose command-line flag is not ``--`` + the name with dashes.
-FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "learning_rate": "--lr"}
+FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "learning_rate": "--lr",
+         "outer_learning_rate": "--outer-lr"}
 
 
 @dataclasses.dataclass
@@ -62,7 +63,9 @@ class TrainConfig:
       sync_every, outer_learning_rate, outer_momentum: infrequent synchronisation
         (:func:`lore_jax.diloco`): ``sync_every`` local steps per round (``None``: average
         every step), then the pseudo-gradient's mean through the compressor and an outer
-        SGD step with this learning rate and Nesterov momentum (0: none).
+        SGD step with this learning rate and Nesterov momentum (0: none); ``None``: 0.7
+        and 0.9 (DiLoCo's) with the dense mean, 1.0 and 0 with a compressed one, whose
+        error feedback takes the momentum's place (SparseLoCo's).
       seed: seeds the initialisation, the data order and the compressors' keys.
       hidden: MLP hidden widths.
       d_model, num_heads, num_layers: the transformer's width, attention heads and
@@ -99,8 +102,8 @@ class TrainConfig:
     fraction: float = 0.01
     levels: int = 7
     sync_every: int | None = None
-    outer_learning_rate: float = 0.7
-    outer_momentum: float = 0.9
+    outer_learning_rate: float | None = None
+    outer_momentum: float | None = None
     seed: int = 0
     hidden: Sequence[int] = (256, 256)
     d_model: int = 64
@@ -131,6 +134,11 @@ class TrainConfig:
             self, model=self.model or d.model, steps=self.steps or d.steps,
             batch_size=self.batch_size or d.batch_size,
             learning_rate=self.learning_rate or d.learning_rate, hidden=tuple(self.hidden))
+        dense = self.compressor == "dense"
+        if out.outer_learning_rate is None:
+            out = dataclasses.replace(out, outer_learning_rate=0.7 if dense else 1.0)
+        if out.outer_momentum is None:
+            out = dataclasses.replace(out, outer_momentum=0.9 if dense else 0.0)
         for name in ("rank", "steps", "batch_size", "update_interval", "seq_len",
                      "eval_examples", "sync_every"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
