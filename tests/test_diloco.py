@@ -256,3 +256,15 @@ def test_cli_run_resumes_mid_round_exactly(tmp_path):
     for k in ("bits_sent", "bits_dense", "test_loss"):
         assert resumed.summary[k] == full.summary[k], k
     assert full.summary["compression"] > 3           # one compressed mean every 3 steps
+
+
+def test_cli_outer_defaults_follow_the_mean():
+    """Nesterov 0.7 / 0.9 (DiLoCo's) for the dense mean; SGD 1.0 without momentum for a
+    compressed one, whose error feedback takes the momentum's place; given values win."""
+    def outer(**kw):
+        c = TrainConfig(sync_every=5, **kw).resolved()
+        return c.outer_learning_rate, c.outer_momentum
+
+    assert outer(compressor="dense") == (0.7, 0.9)
+    assert outer(compressor="greedylore") == outer(compressor="topk") == (1.0, 0.0)
+    assert outer(compressor="greedylore", outer_momentum=0.5) == (1.0, 0.5)
