@@ -102,8 +102,14 @@ def test_ctrl_c_or_a_killed_launcher_leaves_nothing_running(how):
     process in them with it (the kernel removes a PID namespace whose first process
     dies, and the network namespaces with their last process)."""
     marker = f"sleep 88{uuid.uuid4().int % 1000}"
+    # Ctrl-C as a terminal delivers it, whatever the test runner's own disposition: a
+    # shell without job control starts background jobs with SIGINT ignored, which exec
+    # passes on, and Python then installs no KeyboardInterrupt handler.
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+              "signal.default_int_handler); sys.argv = ['lore-jax', *sys.argv[1:]]; "
+              "runpy.run_module('lore_jax', run_name='__main__')")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "lore_jax", "cluster", "--nodes", "2", "--", "sh", "-c", marker],
+        [sys.executable, "-c", launch, "cluster", "--nodes", "2", "--", "sh", "-c", marker],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while len(_alive(marker)) < 2 and time.monotonic() < deadline:
